@@ -1,0 +1,277 @@
+"""Benchmarks. Each prints one JSON document on stdout (progress goes to stderr).
+
+    python -m specfed.bench round    server-side cost per round (decode + reconstruct +
+                                     aggregate + accept), V = 151,936, gamma = 4,
+                                     N in {2, 4, 8}, K in {16, 64, 256, 1024}, full;
+                                     worker-side encode cost for gamma + 1 positions
+    python -m specfed.bench vs-hf    our engine vs HF generate(assistant_model=...) vs
+                                     target-only, greedy, real Qwen pair
+    python -m specfed.bench dtype    fp32 vs bf16 weights: speed, peak memory, outputs
+
+Timings are medians over repetitions after a warm-up that is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from specfed.codecs import decode_any, make_codec
+from specfed.reconstruct import RECONSTRUCTIONS, aggregate
+from specfed.sampling import RoundUniforms, speculative_accept
+
+QWEN_V = 151_936
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _time_ms(fn: Callable[[], Any], reps: int) -> dict[str, float]:
+    fn()  # warm-up, dropped
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90))}
+
+
+def lm_like(rng: np.random.Generator, n_pos: int, vocab: int, sharpness: float = 3.0) -> np.ndarray:
+    """[n_pos, vocab] float32 distributions with an LM-like heavy head (softmax of scaled
+    Gaussian logits; sharpness 3 puts roughly 60-90 % of the mass in the top 64)."""
+    logits = rng.standard_normal((n_pos, vocab), dtype=np.float32) * sharpness
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+
+def bench_round(reps: int, threads: int) -> dict[str, Any]:
+    """Server cost per round and worker encode cost, on synthetic LM-like distributions."""
+    torch.set_num_threads(threads)
+    gamma, vocab = 4, QWEN_V
+    rng = np.random.default_rng(0)
+    q = lm_like(rng, gamma, vocab)
+    drafts = [int(r.argmax()) for r in q]
+    ps = [lm_like(rng, gamma + 1, vocab) for _ in range(8)]
+    uniforms = RoundUniforms.draw(rng, gamma)
+    server: list[dict[str, Any]] = []
+    for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
+        codec = make_codec(mode, k=k)
+        messages = [codec.encode(p) for p in ps]
+        recs = RECONSTRUCTIONS if mode == "topk" else ("renormalize",)
+        for rec in recs:
+            for n in (2, 4, 8):
+                w = np.full(n, 1.0 / n)
+
+                def one_round(msgs=messages[:n], w=w, rec=rec) -> None:
+                    payloads = [decode_any(m) for m in msgs]
+                    p_hat = aggregate(payloads, w, rec, q)
+                    speculative_accept(drafts, q, p_hat, uniforms)
+
+                t = _time_ms(one_round, reps)
+                server.append({"transmission": mode, "k": k, "reconstruction": rec, "n_workers": n,
+                               "bytes_per_worker": len(messages[0]), **t})
+                log(f"round {mode} k={k} {rec} N={n}: {t['median_ms']:.2f} ms")
+    encode = []
+    for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
+        codec = make_codec(mode, k=k)
+        t = _time_ms(lambda codec=codec: codec.encode(ps[0]), reps)
+        encode.append({"transmission": mode, "k": k, "positions": gamma + 1, **t})
+    key = {(r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
+           for r in server}
+    per_worker = {rec: (key[("topk", 64, rec, 8)] - key[("topk", 64, rec, 2)]) / 6
+                  for rec in RECONSTRUCTIONS}
+    return {
+        "benchmark": "round",
+        "vocab_size": vocab,
+        "gamma": gamma,
+        "threads": threads,
+        "reps": reps,
+        "server_round": server,
+        "worker_encode": encode,
+        "targets": {
+            "round_ms_at_N4_K64 (<= 5)": {rec: key[("topk", 64, rec, 4)] for rec in RECONSTRUCTIONS},
+            "slope_ms_per_worker_K64": per_worker,
+            "encode_ms_at_K64 (<= 2)": next(e["median_ms"] for e in encode if e["k"] == 64),
+        },
+    }
+
+
+class PeakRSS:
+    """Samples this process's resident set size every 20 ms; `.peak_gib` after the block."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.02)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / 2**30
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakRSS]:
+        self.peak = self._proc.memory_info().rss
+        th = threading.Thread(target=self._run, daemon=True)
+        th.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            th.join()
+            self._stop.clear()
+
+
+def _prompt_ids(lm: Any, spec: str) -> list[list[int]]:
+    from specfed.prompts import load_prompts
+
+    return [lm.encode(p.text) for p in load_prompts(spec)]
+
+
+def _hf_generate(model: Any, ids: list[int], n: int, assistant: Any = None) -> list[int]:
+    kw: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, **kw)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours (1 worker, full transmission) vs HF assisted generation vs target only."""
+    from specfed.engine import FederatedGenerator, LocalWorker
+    from specfed.models import load_model
+
+    torch.set_num_threads(args.threads)
+    target = load_model(args.target, dtype=args.dtype)
+    draft = load_model(args.draft, dtype=args.dtype)
+    for m in (target.model, draft.model):
+        m.generation_config.pad_token_id = target.tokenizer.eos_token_id
+    prompts = _prompt_ids(target, args.prompts)
+    n = args.max_new_tokens
+    no_eos = frozenset()
+    ours = FederatedGenerator(draft, [LocalWorker("w1", target)], gamma=args.gamma,
+                              temperature=0, measure_fidelity=False)
+    methods: dict[str, Callable[[list[int]], list[int]]] = {
+        "specfed": lambda ids: ours.generate(ids, n, seed=0, eos_token_ids=no_eos).tokens,
+        "hf_assisted": lambda ids: _hf_generate(target.model, ids, n, draft.model),
+        "hf_target_only": lambda ids: _hf_generate(target.model, ids, n),
+    }
+    log("warm-up (dropped)")
+    for fn in methods.values():
+        fn(prompts[0][:16])
+    results: dict[str, Any] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for name, fn in methods.items():
+        mem = PeakRSS()
+        with mem.measure():
+            t0 = time.perf_counter()
+            outputs[name] = [fn(ids) for ids in prompts]
+            dt = time.perf_counter() - t0
+        n_tok = sum(len(o) for o in outputs[name])
+        results[name] = {"tokens": n_tok, "seconds": dt, "tokens_per_s": n_tok / dt,
+                         "peak_rss_gib": mem.peak_gib}
+        log(f"{name}: {n_tok / dt:.2f} tok/s, peak RSS {mem.peak_gib:.2f} GiB")
+    agree = {name: sum(a == b for a, b in zip(outputs[name], outputs["hf_target_only"],
+                                              strict=True)) / len(prompts)
+             for name in methods}
+    return {
+        "benchmark": "vs-hf",
+        "target": args.target, "draft": args.draft, "dtype": args.dtype,
+        "threads": args.threads, "gamma": args.gamma, "prompts": args.prompts,
+        "max_new_tokens": n, "methods": results,
+        "speedup_vs_hf_assisted": results["specfed"]["tokens_per_s"]
+        / results["hf_assisted"]["tokens_per_s"],
+        "speedup_vs_target_only": results["specfed"]["tokens_per_s"]
+        / results["hf_target_only"]["tokens_per_s"],
+        "fraction_of_prompts_identical_to_target_only_greedy": agree,
+    }
+
+
+def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 vs bf16 weights for the draft and the verifier: speed, memory, outputs."""
+    from specfed.engine import FederatedGenerator, LocalWorker
+    from specfed.models import KVSession, load_model
+
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    greedy: dict[str, dict[str, list[list[int]]]] = {}
+    for spec in (args.draft, args.target):
+        for dtype in ("fp32", "bf16"):
+            mem = PeakRSS()
+            with mem.measure():
+                lm = load_model(spec, dtype=dtype)
+                prompts = _prompt_ids(lm, args.prompts)
+                s = KVSession(lm)
+                s.sync(prompts[0], 1)
+                # verify-shaped forward: gamma + 1 new tokens on a committed prefix
+                start = len(s.tokens)
+                t_verify = _time_ms(lambda: s.forward(start, prompts[0][:5], 5), 5)
+                t_step = _time_ms(lambda: s.forward(start, prompts[0][:1], 1), 5)
+                gen = FederatedGenerator(None, [LocalWorker("w", lm)], gamma=0, temperature=0,
+                                         measure_fidelity=False)
+                t0 = time.perf_counter()
+                outs = [gen.generate(ids, args.max_new_tokens, 0, eos_token_ids=frozenset()).tokens
+                        for ids in prompts]
+                tok_s = sum(map(len, outs)) / (time.perf_counter() - t0)
+            greedy.setdefault(spec, {})[dtype] = outs
+            rows.append({"model": spec, "dtype": dtype, "decode_tokens_per_s": tok_s,
+                         "verify_5_tokens_ms": t_verify["median_ms"],
+                         "one_token_step_ms": t_step["median_ms"], "peak_rss_gib": mem.peak_gib})
+            log(json.dumps(rows[-1]))
+            del lm, gen, s
+    same = {}
+    for spec, by in greedy.items():
+        firsts = []
+        for a, b in zip(by["fp32"], by["bf16"], strict=True):
+            diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+            firsts.append(diff[0] if diff else None)
+        same[spec] = {"identical_prompts": sum(f is None for f in firsts) / len(firsts),
+                      "first_divergence_positions": firsts}
+    return {"benchmark": "dtype", "threads": args.threads, "prompts": args.prompts,
+            "max_new_tokens": args.max_new_tokens, "rows": rows, "greedy_fp32_vs_bf16": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m specfed.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="which", required=True)
+    r = sub.add_parser("round", help="server cost per round, worker encode cost")
+    r.add_argument("--reps", type=int, default=30)
+    r.add_argument("--threads", type=int, default=1, help="torch threads (the server's share)")
+    for name in ("vs-hf", "dtype"):
+        p = sub.add_parser(name)
+        p.add_argument("--target", default="qwen2.5-coder-1.5b")
+        p.add_argument("--draft", default="qwen2.5-coder-0.5b")
+        p.add_argument("--prompts", default="humaneval[:4]")
+        p.add_argument("--max-new-tokens", type=int, default=64 if name == "vs-hf" else 32)
+        p.add_argument("--threads", type=int, default=torch.get_num_threads())
+        if name == "vs-hf":
+            p.add_argument("--gamma", type=int, default=4)
+            p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args(argv)
+    if args.which == "round":
+        out = bench_round(args.reps, args.threads)
+    elif args.which == "vs-hf":
+        out = bench_vs_hf(args)
+    else:
+        out = bench_dtype(args)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

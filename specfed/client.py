@@ -1,0 +1,98 @@
+"""The server's side of a worker connection: a WorkerClient that talks the wire protocol."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import replace
+
+from specfed import wire
+from specfed.engine import VerifyReply, VerifyRequest, WorkerLost
+from specfed.models import HasVocabulary, ModelError
+from specfed.wire import Connection, ErrorCode, MsgType, WireError
+
+
+class RemoteWorker:
+    """A worker process reached over TCP (implements engine.WorkerClient).
+
+    Args:
+        name: the worker's name in records (w1, w2, ...).
+        addr: (host, port).
+        server_model: the draft (or reference) model, announced in the HELLO handshake.
+        connect_timeout_s / read_timeout_s: bounds on connecting and on each socket read.
+        round_timeout_s: bound on one whole VERIFY exchange.
+    Raises ModelError when the worker refuses the vocabulary, WorkerLost when it cannot be
+    reached or breaks the protocol.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        addr: tuple[str, int],
+        server_model: HasVocabulary,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 120.0,
+        round_timeout_s: float = 300.0,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.round_timeout_s = round_timeout_s
+        try:
+            sock = socket.create_connection(addr, timeout=connect_timeout_s)
+        except OSError as exc:
+            raise WorkerLost(name, f"cannot connect to {addr[0]}:{addr[1]}: {exc}") from exc
+        sock.settimeout(read_timeout_s)
+        self.conn = Connection(sock, max_frame)
+        hello = wire.Hello(server_model.vocab_size, server_model.fingerprint, server_model.name)
+        try:
+            self.conn.send(MsgType.HELLO, hello.encode())
+            kind, body, _ = self.conn.recv(time.monotonic() + read_timeout_s)
+            if kind == MsgType.ERROR:
+                code, msg = wire.decode_error(body)
+                if code == ErrorCode.VOCABULARY:
+                    raise ModelError(f"worker {name} at {addr[0]}:{addr[1]} refused: {msg}")
+                raise WorkerLost(name, f"refused the handshake: {msg}")
+            if kind != MsgType.HELLO_OK:
+                raise WorkerLost(name, f"answered HELLO with {kind.name}")
+            peer = wire.Hello.decode(body)
+        except (OSError, WireError) as exc:
+            self.conn.close()
+            raise WorkerLost(name, f"handshake with {addr[0]}:{addr[1]} failed: {exc}") from exc
+        except BaseException:
+            self.conn.close()
+            raise
+        self.model_name = peer.name
+        self.vocab_size = peer.vocab_size
+        self.fingerprint = peer.fingerprint
+
+    def verify(self, request: VerifyRequest) -> VerifyReply:
+        """One VERIFY exchange; bytes_up/bytes_down are whole frames as sent and received."""
+        try:
+            t0 = time.perf_counter()
+            n_down = self.conn.send(MsgType.VERIFY, wire.encode_verify(request))
+            t_send_ms = (time.perf_counter() - t0) * 1e3
+            kind, body, n_up = self.conn.recv(time.monotonic() + self.round_timeout_s)
+            if kind == MsgType.ERROR:
+                code, msg = wire.decode_error(body)
+                raise WorkerLost(self.name, f"worker error {code}: {msg}")
+            if kind != MsgType.VERIFY_REPLY:
+                raise WireError(f"expected VERIFY_REPLY, got {kind.name}")
+            reply = wire.decode_reply(body)
+        except (OSError, WireError) as exc:  # includes timeouts and resets
+            self.close()
+            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
+        except WorkerLost:
+            self.close()
+            raise
+        return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
+
+    def end(self, request_id: str) -> None:
+        """Tell the worker to free the request's KV cache (best effort, no reply)."""
+        try:
+            self.conn.send(MsgType.END, wire.encode_end(request_id))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,544 @@
+"""The federated speculative-decoding loop (server side) and the worker interface.
+
+Notation: p_i worker i's target distribution, w_i its weight, p = sum_i w_i p_i the federated
+target, q the draft, gamma drafted tokens per round, T temperature, V vocabulary size.
+
+One round (ARCHITECTURE.md): draft gamma tokens from q; send each worker the tokens after its
+committed prefix; each worker runs one forward pass and returns p_i^(1..gamma+1) encoded by
+its transmission codec; the server decodes, reconstructs and aggregates p_hat, and runs
+speculative acceptance. gamma = 0 is federated autoregressive decoding (no draft model).
+
+`FederatedGenerator` talks to workers only through `WorkerClient.verify`, so the same loop
+runs with in-process workers (`LocalWorker`, here) and with remote ones over TCP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from specfed.codecs import Codec, Payload, decode_any, make_codec
+from specfed.metrics import alpha as alpha_fn
+from specfed.models import (
+    DraftProposer,
+    HasVocabulary,
+    LoadedModel,
+    Verifier,
+    check_same_vocabulary,
+)
+from specfed.reconstruct import RECONSTRUCTIONS, aggregate, reconstruct
+from specfed.sampling import RoundUniforms, speculative_accept
+
+TRANSMISSIONS = ("full", "topk", "adaptive")
+
+
+@dataclass(frozen=True)
+class Transmission:
+    """How a worker encodes its distributions.
+
+    Attributes:
+        mode: "full", "topk" or "adaptive".
+        k: K for topk; the cap on K for adaptive.
+        epsilon: adaptive only: keep the smallest K whose mass reaches 1 - epsilon.
+        value_dtype: "fp32" or "fp16" on the wire.
+        index_bytes: top-K index width in bytes (None = smallest that holds V - 1).
+    """
+
+    mode: str = "full"
+    k: int | None = None
+    epsilon: float | None = None
+    value_dtype: str = "fp32"
+    index_bytes: int | None = None
+
+    def codec(self) -> Codec:
+        """The codec that implements this transmission."""
+        return make_codec(
+            self.mode,
+            k=self.k if self.mode == "topk" else None,
+            epsilon=self.epsilon if self.mode == "adaptive" else None,
+            k_max=self.k if self.mode == "adaptive" else None,
+            value_dtype=self.value_dtype,
+            index_bytes=self.index_bytes,
+        )
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: full, topk64, adaptive(0.01,256)."""
+        if self.mode == "topk":
+            return f"topk{self.k}"
+        if self.mode == "adaptive":
+            return f"adaptive({self.epsilon},{self.k})"
+        return "full"
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """What the server asks of one worker in one round.
+
+    The worker crops its KV cache of `request_id` to `start` tokens, runs one forward pass over
+    `tokens` and returns its distributions at the last `n_positions` (= gamma + 1) positions.
+    """
+
+    request_id: str
+    start: int
+    tokens: list[int]
+    n_positions: int
+    temperature: float
+    transmission: Transmission
+    reconstruction: str = "renormalize"
+    measure_fidelity: bool = True
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    """A worker's answer.
+
+    Attributes:
+        payload: the codec's bytes (what crosses the network).
+        t_worker_ms: the worker's compute: forward pass + softmax + encode.
+        local_l1: mean over positions of ||p_i - p_hat_i||_1, computed by the worker from its
+            exact p_i (NaN for draft-guided: the worker does not have q; NaN if not measured).
+        bytes_up: bytes the reply took on the wire (payload alone in process; frames on TCP).
+        bytes_down: bytes the request took on the wire.
+        t_send_ms: time the server spent writing the request (0 in process).
+    """
+
+    payload: bytes
+    t_worker_ms: float
+    local_l1: float = math.nan
+    bytes_up: int = 0
+    bytes_down: int = 0
+    t_send_ms: float = 0.0
+
+
+class WorkerLost(RuntimeError):
+    """A worker disconnected, timed out or failed mid-request."""
+
+    def __init__(self, worker: str, reason: str) -> None:
+        super().__init__(f"worker {worker!r} lost: {reason}")
+        self.worker = worker
+        self.reason = reason
+
+
+class WorkerClient(Protocol):
+    """The server's view of a worker; in-process or remote."""
+
+    name: str
+    model_name: str
+    vocab_size: int
+    fingerprint: str
+
+    def verify(self, request: VerifyRequest) -> VerifyReply: ...
+
+    def end(self, request_id: str) -> None: ...
+
+
+def local_l1(p: np.ndarray, payload: Payload, method: str) -> float:
+    """Mean over positions of ||p - p_hat||_1 for one worker, from its exact p [P, V].
+
+    Draft-guided needs the draft's q, which a worker does not have: NaN.
+    """
+    if payload.dense is not None:
+        return float(np.abs(p - payload.dense).sum(axis=1).mean())
+    if method == "draft-guided":
+        return math.nan
+    if method == "renormalize":  # Lemma 1: exactly 2 eps
+        return float(np.mean(2.0 * payload.eps))
+    p_hat = reconstruct(payload, method)
+    return float(np.abs(p.astype(np.float64) - p_hat).sum(axis=1).mean())
+
+
+class LocalWorker:
+    """A worker in this process: a Verifier plus its codec. Also the body of the TCP worker."""
+
+    def __init__(self, name: str, lm: LoadedModel) -> None:
+        self.name = name
+        self.lm = lm
+        self.model_name = lm.name
+        self.vocab_size = lm.vocab_size
+        self.fingerprint = lm.fingerprint
+        self.verifier = Verifier(lm)
+
+    def verify(self, request: VerifyRequest) -> VerifyReply:
+        t0 = time.perf_counter()
+        p = self.verifier.verify(
+            request.request_id,
+            request.start,
+            request.tokens,
+            request.n_positions,
+            request.temperature,
+        )
+        payload = request.transmission.codec().encode(p)
+        t_worker_ms = (time.perf_counter() - t0) * 1e3
+        l1 = math.nan
+        if request.measure_fidelity:
+            l1 = local_l1(p, decode_any(payload), request.reconstruction)
+        return VerifyReply(payload, t_worker_ms, l1, len(payload), 4 * len(request.tokens))
+
+    def end(self, request_id: str) -> None:
+        self.verifier.end(request_id)
+
+
+@dataclass
+class WorkerRound:
+    """One worker's part of one round (one row of the rounds table).
+
+    Times in ms: t_call_ms from the start of sending the request to the end of reading the
+    reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing).
+    """
+
+    worker: str
+    transmission: str
+    k_mean: float
+    bytes_up: int
+    bytes_down: int
+    t_worker_ms: float
+    t_send_ms: float
+    t_call_ms: float
+    t_net_ms: float
+    eps_mean: float
+    local_l1: float
+
+
+@dataclass
+class RoundRecord:
+    """One round: drafting, verification by every worker, aggregation and acceptance.
+
+    Times in ms. t_aggregate_ms covers decode + reconstruct + aggregate + accept.
+    alpha is the mean over draft positions of alpha(q, p_hat) = sum_v min(q(v), p_hat(v)).
+    """
+
+    round: int
+    gamma: int
+    n_drafted: int
+    n_accepted: int
+    n_emitted: int
+    t_draft_ms: float
+    t_verify_ms: float
+    t_aggregate_ms: float
+    t_round_ms: float
+    alpha: float
+    workers: list[WorkerRound]
+
+
+@dataclass
+class GenerationResult:
+    """One request: the generated tokens and the per-round records."""
+
+    request_id: str
+    prompt_tokens: int
+    tokens: list[int]
+    rounds: list[RoundRecord]
+    ttft_ms: float
+    e2e_ms: float
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def n_drafted(self) -> int:
+        return sum(r.n_drafted for r in self.rounds)
+
+    @property
+    def n_accepted(self) -> int:
+        return sum(r.n_accepted for r in self.rounds)
+
+    def summary(self) -> dict[str, Any]:
+        """Per-request record (ARCHITECTURE.md, requests table)."""
+        n_new = len(self.tokens)
+        bytes_up = sum(w.bytes_up for r in self.rounds for w in r.workers)
+        return {
+            "request_id": self.request_id,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": n_new,
+            "rounds": len(self.rounds),
+            "ttft_ms": self.ttft_ms,
+            "e2e_ms": self.e2e_ms,
+            "ms_per_token": self.e2e_ms / n_new if n_new else math.nan,
+            "acceptance": self.n_accepted / self.n_drafted if self.n_drafted else math.nan,
+            "tokens_per_round": n_new / len(self.rounds) if self.rounds else math.nan,
+            "bytes_up_total": bytes_up,
+            "bytes_per_token": bytes_up / n_new if n_new else math.nan,
+        }
+
+    def round_rows(self) -> list[dict[str, Any]]:
+        """Rounds table rows: one per (round, worker)."""
+        rows = []
+        for r in self.rounds:
+            base = {k: v for k, v in asdict(r).items() if k != "workers"}
+            for w in r.workers:
+                rows.append({"request_id": self.request_id, **base, **asdict(w)})
+        return rows
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class FederatedGenerator:
+    """Federated speculative decoding over N workers (in-process or remote).
+
+    Args:
+        draft: the server's draft model (None only when gamma = 0).
+        workers: the N workers.
+        weights: w_i >= 0 summing to 1 (None = equal weights).
+        transmissions: one Transmission for all workers, or one per worker (per-worker K).
+        reconstruction: "renormalize", "residual-mass" or "draft-guided".
+        gamma: drafted tokens per round (0 = federated autoregressive decoding).
+        temperature: T (0 = greedy).
+        measure_fidelity: workers report ||p_i - p_hat_i||_1 (costs them O(V) per position).
+        parallel: call the workers concurrently (remote workers); in-process workers share
+            this process's cores, so they run one after another by default.
+        on_worker_loss: "fail" ends the request with WorkerLost (records up to the loss are
+            kept by `on_round`); "continue" drops the worker, renormalizes the weights over
+            the others, records the event and goes on.
+    """
+
+    def __init__(
+        self,
+        draft: LoadedModel | None,
+        workers: Sequence[WorkerClient],
+        weights: Sequence[float] | None = None,
+        transmissions: Transmission | Sequence[Transmission] = Transmission(),
+        reconstruction: str = "renormalize",
+        gamma: int = 4,
+        temperature: float = 1.0,
+        measure_fidelity: bool = True,
+        parallel: bool = False,
+        on_worker_loss: str = "fail",
+    ) -> None:
+        if not workers:
+            raise ValueError("at least one worker is needed")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if gamma > 0 and draft is None:
+            raise ValueError("gamma > 0 needs a draft model")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(
+                f"unknown reconstruction {reconstruction!r}; use one of {RECONSTRUCTIONS}"
+            )
+        self.workers = list(workers)
+        n = len(self.workers)
+        w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,) or (w < 0).any() or not math.isclose(w.sum(), 1.0, abs_tol=1e-6):
+            raise ValueError(f"weights must be {n} numbers >= 0 summing to 1, got {weights}")
+        self.weights = w
+        if isinstance(transmissions, Transmission):
+            transmissions = [transmissions] * n
+        if len(transmissions) != n:
+            raise ValueError(f"{len(transmissions)} transmissions for {n} workers")
+        for t in transmissions:
+            t.codec()  # validate now, not mid-request
+        self.transmissions = list(transmissions)
+        self.reconstruction = reconstruction
+        self.gamma = gamma
+        self.temperature = temperature
+        self.measure_fidelity = measure_fidelity
+        if on_worker_loss not in ("fail", "continue"):
+            raise ValueError(f"on_worker_loss must be 'fail' or 'continue', got {on_worker_loss!r}")
+        self.on_worker_loss = on_worker_loss
+        self.pool = ThreadPoolExecutor(len(self.workers)) if parallel else None
+        self.draft = draft
+        self.proposer = DraftProposer(draft) if draft is not None else None
+        reference: HasVocabulary = draft if draft is not None else self.workers[0]
+        for wk in self.workers:
+            check_same_vocabulary(reference, wk)
+        self.vocab_size = self.workers[0].vocab_size
+        self.eos: frozenset[int] = draft.eos_token_ids if draft is not None else frozenset()
+
+    def _call(self, i: int, request: VerifyRequest) -> tuple[VerifyReply, float]:
+        t0 = time.perf_counter()
+        reply = self.workers[i].verify(request)
+        return reply, (time.perf_counter() - t0) * 1e3
+
+    def _verify_all(
+        self, requests: dict[int, VerifyRequest]
+    ) -> tuple[dict[int, tuple[VerifyReply, float]], dict[int, str]]:
+        """Send one round to the given workers (concurrently if parallel).
+
+        Returns (replies by worker index with their call time in ms, loss reasons by index).
+        """
+        replies: dict[int, tuple[VerifyReply, float]] = {}
+        lost: dict[int, str] = {}
+        pool = self.pool
+        futures = {i: pool.submit(self._call, i, r) for i, r in requests.items()} if pool else {}
+        for i, req in requests.items():
+            try:
+                replies[i] = futures[i].result() if futures else self._call(i, req)
+            except WorkerLost as exc:
+                lost[i] = exc.reason
+        return replies, lost
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        seed: int,
+        request_id: str | None = None,
+        eos_token_ids: frozenset[int] | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `prompt` (token ids).
+
+        All randomness comes from numpy's PCG64 seeded with `seed`, 2*gamma + 1 uniforms per
+        round, so runs that differ only in transmission or reconstruction are coupled.
+        `on_round` is called with each round's record as soon as it exists (the server
+        appends it to its tables), so a failure keeps every earlier round.
+        """
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        rid = request_id or uuid.uuid4().hex[:12]
+        eos = self.eos if eos_token_ids is None else eos_token_ids
+        rng = np.random.default_rng(seed)
+        committed = list(prompt)
+        seen: list[list[int]] = [[] for _ in self.workers]
+        active = list(range(len(self.workers)))
+        weights = self.weights.copy()
+        events: list[str] = []
+        out: list[int] = []
+        rounds: list[RoundRecord] = []
+        t_start = time.perf_counter()
+        ttft_ms = math.nan
+        try:
+            while len(out) < max_new_tokens and not (out and out[-1] in eos):
+                t0 = time.perf_counter()
+                uniforms = RoundUniforms.draw(rng, self.gamma)
+                gamma = min(self.gamma, max_new_tokens - len(out) - 1)
+                drafts: list[int] = []
+                q: np.ndarray | None = None
+                t_draft_ms = 0.0
+                if self.proposer is not None and gamma > 0:
+                    draft = self.proposer.propose(
+                        rid, committed, gamma, self.temperature, uniforms.draft
+                    )
+                    drafts, q, t_draft_ms = draft.tokens, draft.q, draft.t_ms
+                seq = committed + drafts
+                n_pos = len(drafts) + 1
+                requests = {}
+                for i in active:
+                    start = min(_common_prefix(seen[i], seq), len(seq) - n_pos)
+                    requests[i] = VerifyRequest(
+                        rid, start, seq[start:], n_pos, self.temperature,
+                        self.transmissions[i], self.reconstruction, self.measure_fidelity,
+                    )
+                t_v = time.perf_counter()
+                replies, lost = self._verify_all(requests)
+                t_verify_ms = (time.perf_counter() - t_v) * 1e3
+                for i in replies:
+                    seen[i] = seq
+                if lost:
+                    names = ", ".join(f"{self.workers[i].name} ({why})" for i, why in lost.items())
+                    if self.on_worker_loss == "fail" or len(lost) == len(active):
+                        raise WorkerLost(names, f"in round {len(rounds)} of request {rid}")
+                    active = [i for i in active if i not in lost]
+                    weights[list(lost)] = 0.0
+                    weights /= weights.sum()
+                    events.append(
+                        f"round {len(rounds)}: lost {names}; weights renormalized to "
+                        + ", ".join(f"{self.workers[i].name}={weights[i]:.3f}" for i in active)
+                    )
+
+                t_a = time.perf_counter()
+                payloads = {i: decode_any(replies[i][0].payload) for i in active}
+                p_hat = aggregate(
+                    [payloads[i] for i in active], weights[active], self.reconstruction, q
+                )
+                n_acc, token = speculative_accept(
+                    drafts,
+                    q if q is not None else np.zeros((0, self.vocab_size), np.float32),
+                    p_hat,
+                    uniforms,
+                    greedy=self.temperature == 0,
+                )
+                t_aggregate_ms = (time.perf_counter() - t_a) * 1e3
+
+                emitted = [*drafts[:n_acc], token]
+                for j, tok in enumerate(emitted):
+                    if tok in eos:
+                        emitted = emitted[: j + 1]
+                        break
+                emitted = emitted[: max_new_tokens - len(out)]
+                out.extend(emitted)
+                committed.extend(emitted)
+                alpha = math.nan
+                if q is not None and len(drafts):
+                    alpha = float(alpha_fn(q, p_hat[: len(drafts)]).mean())
+                worker_rows = []
+                for i in active:
+                    reply, t_call_ms = replies[i]
+                    worker_rows.append(
+                        WorkerRound(
+                            worker=self.workers[i].name,
+                            transmission=self.transmissions[i].mode,
+                            k_mean=float(np.mean(payloads[i].k_per_position)),
+                            bytes_up=reply.bytes_up,
+                            bytes_down=reply.bytes_down,
+                            t_worker_ms=reply.t_worker_ms,
+                            t_send_ms=reply.t_send_ms,
+                            t_call_ms=t_call_ms,
+                            t_net_ms=t_call_ms - reply.t_worker_ms,
+                            eps_mean=float(np.mean(payloads[i].eps)),
+                            local_l1=reply.local_l1,
+                        )
+                    )
+                record = RoundRecord(
+                    round=len(rounds),
+                    gamma=self.gamma,
+                    n_drafted=len(drafts),
+                    n_accepted=n_acc,
+                    n_emitted=len(emitted),
+                    t_draft_ms=t_draft_ms,
+                    t_verify_ms=t_verify_ms,
+                    t_aggregate_ms=t_aggregate_ms,
+                    t_round_ms=(time.perf_counter() - t0) * 1e3,
+                    alpha=alpha,
+                    workers=worker_rows,
+                )
+                rounds.append(record)
+                if on_round is not None:
+                    on_round(record)
+                if len(rounds) == 1:
+                    ttft_ms = (time.perf_counter() - t_start) * 1e3
+        finally:
+            if self.proposer is not None:
+                self.proposer.end(rid)
+            for i in active:
+                try:
+                    self.workers[i].end(rid)
+                except WorkerLost:
+                    pass
+        return GenerationResult(
+            request_id=rid,
+            prompt_tokens=len(prompt),
+            tokens=out,
+            rounds=rounds,
+            ttft_ms=ttft_ms,
+            e2e_ms=(time.perf_counter() - t_start) * 1e3,
+            events=events,
+        )
+
+
+def mixture(lms: Sequence[LoadedModel], weights: Sequence[float], context: Sequence[int],
+            temperature: float) -> np.ndarray:
+    """The exact federated target p = sum_i w_i p_i after `context`, [V] float64 (for tests
+    and fidelity studies; the generator never uses it)."""
+    from specfed.models import KVSession, probabilities
+
+    for lm in lms[1:]:
+        check_same_vocabulary(lms[0], lm)
+    p = np.zeros(lms[0].vocab_size)
+    for lm, w in zip(lms, weights, strict=True):
+        p += w * probabilities(KVSession(lm).sync(list(context), 1), temperature)[0]
+    return p

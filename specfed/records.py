@@ -1,0 +1,67 @@
+"""Append-only CSV tables, written row by row so a crash keeps everything before it.
+
+The rounds table has one row per (request, round, worker); the requests table one row per
+request. Columns are fixed when a table is created (the header); every row is flushed and
+fsync'ed before the next round starts, so a SIGKILL loses at most the round in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROUND_COLUMNS = (
+    "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", "transmission",
+    "k", "reconstruction", "gamma", "temperature", "n_drafted", "n_accepted", "n_emitted",
+    "bytes_up", "bytes_down", "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms",
+    "t_call_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean",
+    "local_l1", "k_mean",
+)  # fmt: skip
+REQUEST_COLUMNS = (
+    "run_id", "point", "rep", "request_id", "prompt_id", "transmission", "k",
+    "reconstruction", "gamma", "temperature", "seed", "status", "prompt_tokens", "new_tokens",
+    "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance", "tokens_per_round",
+    "bytes_up_total", "bytes_per_token", "events", "tokens",
+)  # fmt: skip
+
+
+class Table:
+    """A CSV file with a fixed header; `append` writes and flushes one row.
+
+    Extra constant columns (`tags`, e.g. the link parameters the testbed knows) are added
+    to every row after the standard columns.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], tags: Mapping[str, Any] | None = None):
+        self.path = path
+        self.tags = dict(tags or {})
+        self.columns = [*columns, *(k for k in self.tags if k not in columns)]
+        new = not path.exists() or path.stat().st_size == 0
+        self._fh = path.open("a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
+        if new:
+            self._writer.writeheader()
+            self._sync()
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self._writer.writerow({**self.tags, **{k: _cell(v) for k, v in row.items()}})
+        self._sync()
+
+    def _sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    if isinstance(v, list | tuple):
+        return " ".join(str(x) for x in v)
+    return v

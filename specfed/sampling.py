@@ -1,0 +1,78 @@
+"""Speculative acceptance on the aggregated target (Leviathan et al. 2023, Alg. 1).
+
+Notation: x_1..x_gamma drafted tokens, q^(j) the draft distribution x_j was drawn from,
+p_hat^(j) the server's aggregated (reconstructed) target at the same position, and
+p_hat^(gamma+1) the bonus position. gamma = 0 is federated autoregressive decoding: no
+drafts, one token sampled from p_hat^(1).
+
+Randomness comes in as explicit uniforms (see `RoundUniforms`), a fixed number per round, so
+two runs that differ only in how distributions are transmitted use the same draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from specfed.models import sample_index
+
+
+@dataclass(frozen=True)
+class RoundUniforms:
+    """The 2*gamma + 1 uniforms one round consumes, whatever happens in it.
+
+    Attributes:
+        draft: [gamma] one per drafted token (inverse-CDF sampling from q^(j)).
+        accept: [gamma] one per acceptance test.
+        final: one for the residual sample at the first rejection, or the bonus token.
+    """
+
+    draft: np.ndarray
+    accept: np.ndarray
+    final: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, gamma: int) -> RoundUniforms:
+        """Draw a round's uniforms from `rng` (always exactly 2*gamma + 1 values)."""
+        u = rng.random(2 * gamma + 1)
+        return cls(draft=u[:gamma], accept=u[gamma : 2 * gamma], final=float(u[-1]))
+
+
+def speculative_accept(
+    drafts: Sequence[int],
+    q: np.ndarray,
+    p_hat: np.ndarray,
+    uniforms: RoundUniforms,
+    greedy: bool = False,
+) -> tuple[int, int]:
+    """Run speculative acceptance; return (n_accepted, next_token).
+
+    Args:
+        drafts: x_1..x_gamma.
+        q: [gamma, V] draft distributions.
+        p_hat: [gamma + 1, V] aggregated target distributions.
+        uniforms: this round's draws.
+        greedy: T = 0; accept x_j iff it is argmax p_hat^(j), emit argmax at the first
+            mismatch or at the bonus position (speculative sampling with one-hot p, q).
+
+    Accept x_j with probability min(1, p_hat(x_j) / q(x_j)). At the first rejection sample
+    from norm(max(0, p_hat - q)) and stop; if all gamma are accepted, sample the bonus token
+    from p_hat^(gamma+1). The emitted tokens are drafts[:n_accepted] + [next_token].
+    """
+    gamma = len(drafts)
+    for j, x in enumerate(drafts):
+        if greedy:
+            if int(p_hat[j].argmax()) != x:
+                return j, int(p_hat[j].argmax())
+            continue
+        # u < p/q written without division; q(x) > 0 since x was drawn from q.
+        if uniforms.accept[j] * q[j, x] < p_hat[j, x]:
+            continue
+        residual = np.maximum(p_hat[j] - q[j], 0.0)
+        if residual.sum() <= 0.0:  # p_hat == q up to rounding: any sample from p_hat is exact
+            residual = p_hat[j]
+        return j, sample_index(residual, uniforms.final)
+    bonus = p_hat[gamma]
+    return gamma, int(bonus.argmax()) if greedy else sample_index(bonus, uniforms.final)

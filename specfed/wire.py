@@ -1,0 +1,347 @@
+"""The SpecFed wire protocol: framed, versioned binary messages over TCP (docs/wire-protocol.md).
+
+Every frame is
+
+    offset  size  field
+    0       4     length: u32 big-endian, number of bytes after this field (>= 8)
+    4       4     magic b"SPFD"
+    8       1     protocol version (PROTOCOL_VERSION)
+    9       1     message type (MsgType)
+    10      2     reserved, must be 0
+    12      ...   body, laid out per message type below (little-endian numbers)
+
+A receiver reads the 4-byte length first and refuses a frame above its cap before reading
+the rest into memory. Bodies are parsed with struct / numpy only: never pickle or eval.
+Any malformed input raises WireError with what was wrong; the transport closes the
+connection after sending an ERROR frame where it can.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from specfed.engine import TRANSMISSIONS, Transmission, VerifyReply, VerifyRequest
+from specfed.reconstruct import RECONSTRUCTIONS
+
+MAGIC = b"SPFD"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I4sBBH")  # length, magic, version, type, reserved
+FRAME_OVERHEAD = HEADER.size  # 12 bytes per frame, body excluded
+DEFAULT_MAX_FRAME = 64 * 2**20  # bytes; a full fp32 round at V=151,936, gamma=16 is 10.3 MB
+MAX_STRING = 4096  # bytes in any length-prefixed string
+MAX_TOKENS = 1 << 20  # tokens in one VERIFY
+VALUE_DTYPES = ("fp32", "fp16")
+
+
+class WireError(ValueError):
+    """A frame or message that breaks the protocol; the message says what and where."""
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1  # server -> worker: who the server is, what vocabulary it expects
+    HELLO_OK = 2  # worker -> server: the worker's model and vocabulary
+    VERIFY = 3  # server -> worker: one round's tokens and transmission options
+    VERIFY_REPLY = 4  # worker -> server: encoded distributions + timing
+    END = 5  # server -> worker: a request is over, free its KV cache (no reply)
+    ERROR = 6  # either way: code + message; the sender closes the connection after it
+
+
+class ErrorCode(enum.IntEnum):
+    MALFORMED = 1
+    TOO_LARGE = 2
+    VERSION = 3
+    VOCABULARY = 4
+    BAD_REQUEST = 5
+    INTERNAL = 6
+
+
+# --- body helpers --------------------------------------------------------------------------
+
+
+class _Reader:
+    """Sequential reader over a body with bounds checks that raise WireError."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = memoryview(data), 0, what
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise WireError(
+                f"{self.what}: truncated body: needs {n} more bytes at offset {self.pos}, "
+                f"has {len(self.data) - self.pos}"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        s = struct.Struct("<" + fmt)
+        return s.unpack(self.take(s.size))
+
+    def string(self) -> str:
+        (n,) = self.unpack("H")
+        if n > MAX_STRING:
+            raise WireError(f"{self.what}: string of {n} bytes exceeds {MAX_STRING}")
+        try:
+            return bytes(self.take(n)).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError(f"{self.what}: string is not UTF-8") from exc
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise WireError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    if len(b) > MAX_STRING:
+        raise WireError(f"string of {len(b)} bytes exceeds {MAX_STRING}")
+    return struct.pack("<H", len(b)) + b
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """HELLO / HELLO_OK body: u32 vocab_size, str fingerprint, str model, str role.
+
+    str = u16 byte length + UTF-8 bytes.
+    """
+
+    vocab_size: int
+    fingerprint: str
+    name: str
+    role: str = "server"
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.vocab_size) + b"".join(
+            _string(s) for s in (self.fingerprint, self.name, self.role)
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> Hello:
+        r = _Reader(body, "HELLO")
+        (vocab,) = r.unpack("I")
+        out = cls(vocab, r.string(), r.string(), r.string())
+        r.done()
+        return out
+
+
+# VERIFY fixed part: u32 start, u16 n_positions, f32 temperature, u8 transmission,
+# u32 k (0 = none), f32 epsilon (NaN = none), u8 value dtype, u8 index bytes (0 = auto),
+# u8 reconstruction, u8 flags (bit 0: measure fidelity), u32 n_tokens.
+_VERIFY = struct.Struct("<IHfBIfBBBBI")
+
+
+def encode_verify(req: VerifyRequest) -> bytes:
+    """VERIFY body: str request_id, the fixed fields above, then n_tokens x u32 token ids."""
+    t = req.transmission
+    fixed = _VERIFY.pack(
+        req.start,
+        req.n_positions,
+        req.temperature,
+        TRANSMISSIONS.index(t.mode),
+        t.k or 0,
+        math.nan if t.epsilon is None else t.epsilon,
+        VALUE_DTYPES.index(t.value_dtype),
+        t.index_bytes or 0,
+        RECONSTRUCTIONS.index(req.reconstruction),
+        int(req.measure_fidelity),
+        len(req.tokens),
+    )
+    return _string(req.request_id) + fixed + np.asarray(req.tokens, dtype="<u4").tobytes()
+
+
+def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
+    """Parse and validate a VERIFY body (token ids must be < vocab_size)."""
+    r = _Reader(body, "VERIFY")
+    rid = r.string()
+    (start, n_pos, temp, mode, k, eps, vdt, ib, rec, flags, n_tok) = r.unpack(
+        _VERIFY.format.lstrip("<")
+    )
+    if n_tok > MAX_TOKENS:
+        raise WireError(f"VERIFY: {n_tok} tokens exceeds {MAX_TOKENS}")
+    tokens = np.frombuffer(r.take(4 * n_tok), dtype="<u4")
+    r.done()
+    problems = []
+    if mode >= len(TRANSMISSIONS):
+        problems.append(f"transmission code {mode}")
+    if vdt >= len(VALUE_DTYPES):
+        problems.append(f"value dtype code {vdt}")
+    if rec >= len(RECONSTRUCTIONS):
+        problems.append(f"reconstruction code {rec}")
+    if ib not in (0, 2, 3, 4):
+        problems.append(f"index bytes {ib}")
+    if not (n_tok >= n_pos >= 1):
+        problems.append(f"n_positions {n_pos} with {n_tok} tokens")
+    if not (math.isfinite(temp) and temp >= 0):
+        problems.append(f"temperature {temp}")
+    if n_tok and int(tokens.max()) >= vocab_size:
+        problems.append(f"token id {int(tokens.max())} >= V={vocab_size}")
+    if problems:
+        raise WireError("VERIFY: invalid " + ", ".join(problems))
+    transmission = Transmission(
+        TRANSMISSIONS[mode],
+        k=k or None,
+        epsilon=None if math.isnan(eps) else eps,
+        value_dtype=VALUE_DTYPES[vdt],
+        index_bytes=ib or None,
+    )
+    return VerifyRequest(
+        rid, start, tokens.tolist(), n_pos, temp, transmission, RECONSTRUCTIONS[rec], bool(flags & 1)
+    )
+
+
+_REPLY = struct.Struct("<ddI")  # f64 t_worker_ms, f64 local_l1, u32 payload length
+
+
+def encode_reply(reply: VerifyReply) -> bytes:
+    """VERIFY_REPLY body: f64 t_worker_ms, f64 local_l1 (NaN = not measured), u32 n, payload."""
+    return _REPLY.pack(reply.t_worker_ms, reply.local_l1, len(reply.payload)) + reply.payload
+
+
+def decode_reply(body: bytes) -> VerifyReply:
+    r = _Reader(body, "VERIFY_REPLY")
+    t_ms, l1, n = r.unpack("ddI")
+    payload = bytes(r.take(n))
+    r.done()
+    return VerifyReply(payload, t_ms, l1)
+
+
+def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
+    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 26 fixed + 4 per token."""
+    return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _VERIFY.size + 4 * n_tokens
+
+
+def reply_frame_bytes(payload_bytes: int) -> int:
+    """Bytes of one VERIFY_REPLY frame: 12 header + 20 fixed + the codec payload."""
+    return FRAME_OVERHEAD + _REPLY.size + payload_bytes
+
+
+def encode_error(code: ErrorCode, message: str) -> bytes:
+    """ERROR body: u16 code, str message (truncated to MAX_STRING bytes)."""
+    msg = message.encode("utf-8")[:MAX_STRING].decode("utf-8", "ignore")
+    return struct.pack("<H", int(code)) + _string(msg)
+
+
+def decode_error(body: bytes) -> tuple[int, str]:
+    r = _Reader(body, "ERROR")
+    (code,) = r.unpack("H")
+    msg = r.string()
+    r.done()
+    return code, msg
+
+
+def encode_end(request_id: str) -> bytes:
+    """END body: str request_id."""
+    return _string(request_id)
+
+
+def decode_end(body: bytes) -> str:
+    r = _Reader(body, "END")
+    rid = r.string()
+    r.done()
+    return rid
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def frame(msg_type: MsgType, body: bytes) -> bytes:
+    """A complete frame: header + body."""
+    return HEADER.pack(8 + len(body), MAGIC, PROTOCOL_VERSION, int(msg_type), 0) + body
+
+
+def parse_header(head: bytes, max_frame: int) -> tuple[MsgType, int]:
+    """Validate a 12-byte header; return (type, body length). Raises WireError."""
+    if len(head) != HEADER.size:
+        raise WireError(f"frame header needs {HEADER.size} bytes, got {len(head)}")
+    length, magic, version, mtype, reserved = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}, expected {MAGIC!r} (not a SpecFed peer?)")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    if length < 8:
+        raise WireError(f"frame length {length} is below the 8-byte minimum")
+    if length + 4 > max_frame:
+        raise WireError(f"frame of {length + 4} bytes exceeds the cap of {max_frame} bytes")
+    try:
+        kind = MsgType(mtype)
+    except ValueError as exc:
+        raise WireError(f"unknown message type {mtype}") from exc
+    if reserved:
+        raise WireError(f"reserved header field is {reserved}, must be 0")
+    return kind, length - 8
+
+
+def parse_frame(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[MsgType, bytes]:
+    """Parse one complete frame held in memory (used by tests and fuzzing)."""
+    kind, n = parse_header(data[: HEADER.size], max_frame)
+    body = data[HEADER.size :]
+    if len(body) != n:
+        raise WireError(f"frame says {n} body bytes, has {len(body)}")
+    return kind, body
+
+
+class Connection:
+    """A TCP connection carrying frames, counting the bytes it moves (framing included).
+
+    Every blocking call is bounded by the socket timeout; `socket.timeout` propagates.
+    """
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.timeout = sock.gettimeout()
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle
+
+    def send(self, msg_type: MsgType, body: bytes) -> int:
+        """Send one frame; return its size in bytes."""
+        data = frame(msg_type, body)
+        self.sock.sendall(data)
+        self.bytes_sent += len(data)
+        return len(data)
+
+    def _read_exact(self, n: int, deadline: float | None) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"deadline passed with {got} of {n} bytes read")
+                self.sock.settimeout(min(left, self.timeout) if self.timeout else left)
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise ConnectionError(f"peer closed the connection ({got} of {n} bytes read)")
+            got += k
+        self.bytes_received += n
+        return bytes(buf)
+
+    def recv(self, deadline: float | None = None) -> tuple[MsgType, bytes, int]:
+        """Receive one frame: (type, body, frame size in bytes).
+
+        Oversized frames are refused after reading only their 12-byte header. Each socket
+        read waits at most the socket timeout; `deadline` (time.monotonic()) bounds the whole
+        frame. Raises WireError, ConnectionError or TimeoutError.
+        """
+        kind, n = parse_header(self._read_exact(HEADER.size, deadline), self.max_frame)
+        return kind, self._read_exact(n, deadline), HEADER.size + n
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

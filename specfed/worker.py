@@ -1,0 +1,213 @@
+"""A SpecFed worker: serves one target model to servers over TCP.
+
+    python -m specfed.worker --model qwen2.5-coder-1.5b --listen 0.0.0.0:7100
+
+It loads the model once, then serves any number of connections and requests, one KV cache
+per (connection, request). Each connection starts with a HELLO handshake (protocol version,
+vocabulary fingerprint and size); a server whose vocabulary differs is refused with an error
+naming both models. Then each VERIFY frame is answered with one VERIFY_REPLY (the codec's
+bytes + the worker's compute time). Model compute is serialized: one forward pass at a time.
+
+A malformed, truncated, oversized or unknown frame gets an ERROR reply where possible and
+its connection is closed; the process keeps serving the others. Protocol: docs/wire-protocol.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+import torch
+
+from specfed import wire
+from specfed.engine import LocalWorker, VerifyRequest
+from specfed.models import ModelError, load_model
+from specfed.wire import Connection, ErrorCode, MsgType, WireError
+
+log = logging.getLogger("specfed.worker")
+
+
+def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), with an error that says what was expected."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} {text!r} must look like HOST:PORT, e.g. 10.0.0.2:7100")
+    return host.strip("[]"), int(port)
+
+
+class WorkerService:
+    """The worker's state shared by all connections: the model and a compute lock."""
+
+    def __init__(
+        self,
+        worker: LocalWorker,
+        max_frame: int,
+        idle_timeout_s: float,
+        exit_after: int | None = None,
+    ) -> None:
+        self.worker = worker
+        self.exit_after = exit_after
+        self.n_verified = 0
+        self.max_frame = max_frame
+        self.idle_timeout_s = idle_timeout_s
+        self.compute = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def serve_connection(self, sock: socket.socket, peer: str) -> None:
+        """Handshake, then answer frames until the peer closes, errs or idles out."""
+        conn = Connection(sock, self.max_frame)
+        sock.settimeout(self.idle_timeout_s)
+        cid = next(self._ids)
+        open_requests: set[str] = set()
+        try:
+            kind, body, _ = conn.recv()
+            if kind != MsgType.HELLO:
+                raise WireError(f"expected HELLO first, got {kind.name}")
+            hello = wire.Hello.decode(body)
+            me = self.worker
+            if (hello.fingerprint, hello.vocab_size) != (me.fingerprint, me.vocab_size):
+                msg = (
+                    f"vocabulary mismatch: server model {hello.name!r} (fingerprint "
+                    f"{hello.fingerprint}, V={hello.vocab_size}) vs worker model {me.lm.name!r} "
+                    f"(fingerprint {me.fingerprint}, V={me.vocab_size})"
+                )
+                log.warning("refused %s: %s", peer, msg)
+                conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.VOCABULARY, msg))
+                return
+            conn.send(
+                MsgType.HELLO_OK,
+                wire.Hello(me.vocab_size, me.fingerprint, me.lm.name, "worker").encode(),
+            )
+            log.info("connection %d from %s (%s)", cid, peer, hello.name)
+            while True:
+                kind, body, _ = conn.recv()
+                if kind == MsgType.VERIFY:
+                    req = wire.decode_verify(body, me.vocab_size)
+                    key = f"{cid}/{req.request_id}"
+                    open_requests.add(key)
+                    with self.compute:
+                        self.n_verified += 1
+                        if self.exit_after is not None and self.n_verified > self.exit_after:
+                            log.warning("--exit-after %d reached: exiting now", self.exit_after)
+                            os._exit(3)  # a crash, for failure experiments: no goodbye
+                        try:
+                            reply = me.verify(_rekey(req, key))
+                        except (ModelError, ValueError) as exc:
+                            conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc)))
+                            return
+                    conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
+                elif kind == MsgType.END:
+                    key = f"{cid}/{wire.decode_end(body)}"
+                    with self.compute:
+                        me.end(key)
+                    open_requests.discard(key)
+                elif kind == MsgType.ERROR:
+                    code, msg = wire.decode_error(body)
+                    log.warning("peer %s sent error %d: %s", peer, code, msg)
+                    return
+                else:
+                    raise WireError(f"unexpected {kind.name} from a server")
+        except WireError as exc:
+            log.warning("connection %d from %s: %s", cid, peer, exc)
+            code = ErrorCode.TOO_LARGE if "exceeds the cap" in str(exc) else ErrorCode.MALFORMED
+            try:
+                conn.send(MsgType.ERROR, wire.encode_error(code, str(exc)))
+            except OSError:
+                pass
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.info("connection %d from %s ended: %s", cid, peer, exc)
+        finally:
+            with self.compute:
+                for key in open_requests:
+                    self.worker.end(key)
+            conn.close()
+
+
+def _rekey(req: VerifyRequest, key: str) -> VerifyRequest:
+    """The same request under a per-connection session key (two servers may reuse ids)."""
+    from dataclasses import replace
+
+    return replace(req, request_id=key)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    service: WorkerService
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        server.service.serve_connection(self.request, f"{self.client_address[0]}:{self.client_address[1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m specfed.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--model", required=True,
+                    help="target model: bundle name (see `python -m specfed.bundle list`), "
+                    "HF folder, .gguf file or hub id")
+    ap.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to listen on")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
+                    help="weight dtype; softmax and codecs stay fp32")
+    ap.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME,
+                    help="largest frame accepted, bytes (default: %(default)s)")
+    ap.add_argument("--idle-timeout", type=float, default=900.0,
+                    help="close a connection silent for this long, s (default: %(default)s)")
+    ap.add_argument("--exit-after", type=int, default=None, metavar="N",
+                    help="fault injection: die abruptly on the (N+1)-th VERIFY, as a crashed "
+                    "worker would (for worker-loss experiments)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        host, port = parse_addr(args.listen, "--listen")
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        lm = load_model(args.model, dtype=args.dtype)
+    except (ModelError, OSError, ValueError) as exc:
+        print(f"specfed.worker: cannot load model: {exc}", file=sys.stderr)
+        return 2
+    service = WorkerService(
+        LocalWorker(args.model, lm), args.max_frame, args.idle_timeout, args.exit_after
+    )
+    server = _Server((host, port), _Handler, bind_and_activate=True)
+    server.service = service
+
+    def stop(signum: int, _frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bound = server.server_address
+    print(
+        f"specfed.worker ready on {bound[0]}:{bound[1]} model={args.model} dtype={args.dtype} "
+        f"V={lm.vocab_size} fingerprint={lm.fingerprint} pid={os.getpid()} "
+        f"load_s={time.perf_counter() - t0:.1f}",
+        flush=True,
+    )
+    server.serve_forever()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""The frame and message decoders never crash or hang on bad input (property-based)."""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specfed import wire
+from specfed.engine import Transmission, VerifyReply, VerifyRequest
+from specfed.wire import MsgType, WireError
+
+V = 1000
+DECODERS = [
+    wire.Hello.decode,
+    lambda b: wire.decode_verify(b, V),
+    wire.decode_reply,
+    wire.decode_error,
+    wire.decode_end,
+]
+
+
+def _request(**kw):
+    base = dict(request_id="r1", start=3, tokens=[1, 2, 999], n_positions=2, temperature=0.7,
+                transmission=Transmission("topk", k=64, index_bytes=3),
+                reconstruction="draft-guided", measure_fidelity=False)
+    return VerifyRequest(**{**base, **kw})
+
+
+def test_round_trips():
+    req = _request()
+    got = wire.decode_verify(wire.encode_verify(req), V)
+    assert got == VerifyRequest(**{**req.__dict__, "temperature": pytest.approx(0.7)})
+    ad = _request(transmission=Transmission("adaptive", k=256, epsilon=0.05, value_dtype="fp16"))
+    back = wire.decode_verify(wire.encode_verify(ad), V).transmission
+    assert (back.mode, back.k, back.value_dtype) == ("adaptive", 256, "fp16")
+    assert back.epsilon == pytest.approx(0.05)
+    rep = wire.decode_reply(wire.encode_reply(VerifyReply(b"abc", 12.5, math.nan)))
+    assert rep.payload == b"abc" and rep.t_worker_ms == 12.5 and math.isnan(rep.local_l1)
+    h = wire.Hello(151936, "abcd", "qwen", "worker")
+    assert wire.Hello.decode(h.encode()) == h
+    assert wire.decode_error(wire.encode_error(wire.ErrorCode.VOCABULARY, "x")) == (4, "x")
+    kind, body = wire.parse_frame(wire.frame(MsgType.END, wire.encode_end("r1")))
+    assert kind == MsgType.END and wire.decode_end(body) == "r1"
+
+
+def test_frame_sizes_match_formulas():
+    req = _request(tokens=list(range(17)))
+    assert len(wire.frame(MsgType.VERIFY, wire.encode_verify(req))) == wire.verify_frame_bytes(
+        "r1", 17)
+    assert len(wire.frame(MsgType.VERIFY_REPLY, wire.encode_reply(VerifyReply(b"x" * 321, 1.0)))
+               ) == wire.reply_frame_bytes(321)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("tokens", [1, 2, V], "token id"),
+    ("n_positions", 4, "n_positions"),
+    ("temperature", -1.0, "temperature"),
+])
+def test_invalid_verify_fields_named(field, value, match):
+    with pytest.raises(WireError, match=match):
+        wire.decode_verify(wire.encode_verify(_request(**{field: value})), V)
+
+
+def test_header_checks():
+    good = wire.frame(MsgType.END, wire.encode_end("r"))
+    with pytest.raises(WireError, match="magic"):
+        wire.parse_frame(good[:4] + b"XXXX" + good[8:])
+    with pytest.raises(WireError, match="version"):
+        wire.parse_frame(good[:8] + b"\x02" + good[9:])
+    with pytest.raises(WireError, match="unknown message type"):
+        wire.parse_frame(good[:9] + b"\x63" + good[10:])
+    with pytest.raises(WireError, match="exceeds the cap"):
+        wire.parse_frame(struct.pack(">I4sBBH", 2**31, b"SPFD", 1, 1, 0))
+    with pytest.raises(WireError, match="says"):
+        wire.parse_frame(good[:-1])
+    for cut in range(len(good)):
+        with pytest.raises(WireError):
+            wire.parse_frame(good[:cut])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_frames_only_raise_wire_error(data):
+    try:
+        kind, body = wire.parse_frame(data, max_frame=1 << 16)
+    except WireError:
+        return
+    assert isinstance(kind, MsgType)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(range(len(DECODERS))), st.binary(max_size=200))
+def test_random_bodies_only_raise_wire_error(which, data):
+    try:
+        DECODERS[which](data)
+    except WireError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=100), st.integers(min_value=0, max_value=255))
+def test_corrupted_verify_bodies(cut, flip):
+    body = bytearray(wire.encode_verify(_request()))
+    if cut < len(body):
+        body[cut] ^= flip
+    for data in (bytes(body), bytes(body[:cut])):
+        try:
+            req = wire.decode_verify(data, V)
+        except WireError:
+            continue
+        assert all(0 <= t < V for t in req.tokens) and req.n_positions <= len(req.tokens)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(min_value=2**16, max_value=2**32 - 1))
+def test_huge_length_refused_before_reading(length):
+    """A connection that announces a huge frame is refused after the 12-byte header,
+    without waiting for (or allocating) the body."""
+    a, b = socket.socketpair()
+    a.settimeout(2)
+    b.sendall(struct.pack(">I4sBBH", length, b"SPFD", 1, 3, 0))
+    conn = wire.Connection(a, max_frame=2**16)
+    with pytest.raises(WireError, match="exceeds the cap"):
+        conn.recv()
+    assert conn.bytes_received == wire.HEADER.size
+    a.close()
+    b.close()
+
+
+def test_truncated_stream_times_out_not_hangs():
+    a, b = socket.socketpair()
+    a.settimeout(0.2)
+    frame = wire.frame(MsgType.END, wire.encode_end("abc"))
+    b.sendall(frame[:-2])
+    conn = wire.Connection(a)
+    with pytest.raises(TimeoutError):
+        conn.recv()
+    b.close()
+    with pytest.raises(ConnectionError):
+        conn.recv()
+    a.close()
