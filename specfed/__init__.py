@@ -1,0 +1,1 @@
+"""SpecFed: federated LLM inference with speculative decoding and top-K transmission."""

@@ -1,0 +1,249 @@
+"""Server-side reconstruction of each worker's p_hat_i and aggregation p_hat = sum_i w_i p_hat_i.
+
+Notation (the paper's, arXiv 2604.25777, and Leviathan et al.'s): p target, q draft,
+P positions per round (gamma + 1), V vocabulary size, K kept entries, rho kept mass,
+eps = 1 - rho, w_i worker weights.
+
+For worker i at position j with top-K set S (from its `Payload`), rho = sum_{v in S} p_i(v)
+and eps = 1 - rho (clipped to [0, 1]):
+
+- ``renormalize``:   p_hat(v) = p(v) / rho on S, 0 elsewhere.
+- ``residual-mass``: p_hat(v) = p(v) on S, eps / (V - K) elsewhere.
+- ``draft-guided``:  p_hat(v) = p(v) on S, eps * q(v) / q(C) on the complement C of S, with q
+  the server's draft distribution at position j (beyond the paper).
+
+Edge cases, one rule each:
+
+- dense payload (full transmission): p_hat = p as sent, for every method.
+- K == V (no complement): p_hat = p as sent; any eps left by rounding is ignored.
+- renormalize with rho == 0 (nothing to renormalize): p_hat = 1 / V everywhere (uniform).
+- draft-guided falls back to the residual-mass uniform spread at a position where there is no
+  q (rows j >= G of a [G, V] q, e.g. the bonus position, or q is None) or where q puts
+  (numerically) no mass on the complement: q(C) <= Q_COMPLEMENT_MIN * q(V).
+
+`reconstruct` is the dense float64 reference; `aggregate` is the server's fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from specfed.codecs import Payload
+
+__all__ = ["Q_COMPLEMENT_MIN", "RECONSTRUCTIONS", "WEIGHT_SUM_TOL", "aggregate", "reconstruct"]
+
+RECONSTRUCTIONS = ("renormalize", "residual-mass", "draft-guided")
+"""Reconstruction methods, by name."""
+
+Q_COMPLEMENT_MIN = 1e-9
+"""Draft-guided: q(C) at or below this fraction of q's row total counts as no mass."""
+
+WEIGHT_SUM_TOL = 1e-6
+"""Worker weights must sum to 1 within this."""
+
+
+def reconstruct(payload: Payload, method: str, q: np.ndarray | None = None) -> np.ndarray:
+    """Reference reconstruction of one worker's p_hat_i: dense [P, V] float64.
+
+    Args:
+        payload: the worker's decoded message.
+        method: one of `RECONSTRUCTIONS`.
+        q: [G, V] draft distributions, G <= P (draft-guided only; other methods ignore it).
+            Rows j >= G have no q and use the uniform fallback.
+    """
+    _check_method(method)
+    n_pos, vocab = payload.n_positions, payload.vocab_size
+    if payload.dense is not None:
+        return payload.dense.astype(np.float64)
+    draft = _prepare_q(q, n_pos, vocab) if method == "draft-guided" else None
+    rho, eps = payload.kept_mass, payload.eps
+    p_hat = np.zeros((n_pos, vocab), dtype=np.float64)
+    for j, (idx, val) in enumerate(zip(payload.indices, payload.values, strict=True)):
+        k, row, val64 = len(idx), p_hat[j], val.astype(np.float64)
+        if method == "renormalize" and rho[j] <= 0.0:
+            row[:] = 1.0 / vocab
+        elif k == vocab:
+            row[idx] = val64
+        elif method == "renormalize":
+            row[idx] = val64 / rho[j]
+        else:
+            scale = draft.scale(j, idx, eps[j]) if draft is not None else None
+            if draft is not None and scale is not None:
+                row[:] = scale * draft.rows[j].astype(np.float64)
+            else:
+                row[:] = eps[j] / (vocab - k)
+            row[idx] = val64
+    return p_hat
+
+
+def aggregate(
+    payloads: Sequence[Payload],
+    weights: Sequence[float] | np.ndarray,
+    method: str,
+    q: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The aggregated target p_hat = sum_i w_i p_hat_i, [P, V] float32.
+
+    Never builds a worker's dense p_hat_i. Every sparse p_hat_i is "a dense part + a K-entry
+    correction on S": residual-mass adds the constant eps/(V-K) to the whole row, draft-guided
+    adds (eps/q(C)) * q, then the K entries on S are corrected to p(v). The dense parts of all
+    workers are summed as per-position scalars first, so a round costs one dense pass per
+    position (plus one axpy per dense payload) and one scatter of sum_i K_i entries.
+
+    Args:
+        payloads: one per worker, all with the same V and P (dense and sparse may mix).
+        weights: w_i >= 0, summing to 1 within WEIGHT_SUM_TOL.
+        method: one of `RECONSTRUCTIONS`.
+        q: [G, V] draft distributions, G <= P (draft-guided only).
+        out: optional C-contiguous float32 [P, V] array to write into (avoids an allocation).
+
+    Raises:
+        ValueError: mismatched vocabularies or positions, bad weights, unknown method, bad q.
+    """
+    _check_method(method)
+    w = _check_weights(payloads, weights)
+    vocab, n_pos = payloads[0].vocab_size, payloads[0].n_positions
+    for i, pl in enumerate(payloads):
+        if pl.vocab_size != vocab or pl.n_positions != n_pos:
+            raise ValueError(
+                f"worker {i}: payload has V={pl.vocab_size}, P={pl.n_positions}; worker 0 has "
+                f"V={vocab}, P={n_pos}"
+            )
+    draft = _prepare_q(q, n_pos, vocab) if method == "draft-guided" else None
+
+    base = np.zeros(n_pos)  # constant added to every entry of row j
+    q_coef = np.zeros(n_pos)  # multiple of q[j] added to row j
+    dense_terms: list[tuple[float, np.ndarray]] = []
+    scatter_idx: list[np.ndarray] = []  # flat indices j * V + v
+    scatter_val: list[np.ndarray] = []  # what to add there
+    for wi, pl in zip(w, payloads, strict=True):
+        if wi == 0.0:
+            continue
+        if pl.dense is not None:
+            dense_terms.append((float(wi), pl.dense))
+            continue
+        rho, eps = pl.kept_mass, pl.eps
+        for j, (idx, val) in enumerate(zip(pl.indices, pl.values, strict=True)):
+            k, val64 = len(idx), val.astype(np.float64)
+            if method == "renormalize" and rho[j] <= 0.0:
+                base[j] += wi / vocab  # uniform fallback; the kept values are all zero
+                continue
+            if k == vocab:
+                corr = wi * val64
+            elif method == "renormalize":
+                corr = (wi / rho[j]) * val64
+            else:
+                scale = draft.scale(j, idx, eps[j]) if draft is not None else None
+                if draft is not None and scale is not None:
+                    q_coef[j] += wi * scale
+                    corr = wi * (val64 - scale * draft.rows[j, idx].astype(np.float64))
+                else:
+                    c = eps[j] / (vocab - k)
+                    base[j] += wi * c
+                    corr = wi * (val64 - c)
+            scatter_idx.append(idx + j * vocab)
+            scatter_val.append(corr)
+
+    out = _check_out(out, n_pos, vocab)
+    if draft is not None and q_coef.any():
+        g = draft.rows.shape[0]
+        np.multiply(draft.rows, q_coef[:g, None].astype(np.float32), out=out[:g])
+        out[g:] = 0.0
+        if base.any():
+            out += base.astype(np.float32)[:, None]
+    elif dense_terms and not base.any():
+        wi, dense = dense_terms.pop(0)  # write the first dense term instead of zero-filling
+        np.multiply(dense, np.float32(wi), out=out)
+    else:
+        out[:] = base.astype(np.float32)[:, None]
+    if dense_terms:
+        tmp = np.empty_like(out)
+        for wi, dense in dense_terms:
+            np.multiply(dense, np.float32(wi), out=tmp)
+            out += tmp
+    if scatter_idx:
+        flat = out.reshape(-1)
+        touched = np.concatenate(scatter_idx)
+        np.add.at(flat, touched, np.concatenate(scatter_val).astype(np.float32))
+        # Entries on S are sums with cancellation (dense part, then the correction): clip the
+        # float32 rounding below zero. Elsewhere every term is >= 0.
+        flat[touched] = np.maximum(flat[touched], 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_method(method: str) -> None:
+    if method not in RECONSTRUCTIONS:
+        raise ValueError(f"unknown reconstruction {method!r}; use one of {RECONSTRUCTIONS}")
+
+
+def _check_weights(
+    payloads: Sequence[Payload], weights: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    if len(payloads) == 0:
+        raise ValueError("aggregate needs at least one payload")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(payloads),):
+        raise ValueError(
+            f"need one weight per payload: {len(payloads)} payloads, weights {w.shape}"
+        )
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+    if abs(w.sum() - 1.0) > WEIGHT_SUM_TOL:
+        raise ValueError(f"weights must sum to 1 (within {WEIGHT_SUM_TOL}), got {w.sum()!r}")
+    return w
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """The server's draft distributions for draft-guided reconstruction.
+
+    Attributes:
+        rows: [G, V] float32, q at the first G positions.
+        total: [G] float64, the row sums q(V).
+    """
+
+    rows: np.ndarray
+    total: np.ndarray
+
+    def scale(self, j: int, idx: np.ndarray, eps: float) -> float | None:
+        """eps / q(C) at position j for kept set idx, or None to fall back to uniform."""
+        if j >= self.rows.shape[0]:
+            return None
+        q_complement = self.total[j] - self.rows[j, idx].sum(dtype=np.float64)
+        if not q_complement > Q_COMPLEMENT_MIN * self.total[j]:
+            return None
+        return float(eps / q_complement)
+
+
+def _prepare_q(q: np.ndarray | None, n_pos: int, vocab: int) -> _Draft | None:
+    """Validate q [G, V] (G <= P); None when there are no rows."""
+    if q is None:
+        return None
+    q = np.asarray(q)
+    if q.ndim != 2 or q.shape[1] != vocab or q.shape[0] > n_pos:
+        raise ValueError(f"q must be [G, V={vocab}] with G <= P={n_pos}, got shape {q.shape}")
+    if q.shape[0] == 0:
+        return None
+    rows = q.astype(np.float32, copy=False)
+    return _Draft(rows=rows, total=rows.sum(axis=1, dtype=np.float64))
+
+
+def _check_out(out: np.ndarray | None, n_pos: int, vocab: int) -> np.ndarray:
+    if out is None:
+        return np.empty((n_pos, vocab), dtype=np.float32)
+    if out.shape != (n_pos, vocab) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous float32 [{n_pos}, {vocab}] array, got {out.dtype} "
+            f"{out.shape}"
+        )
+    return out

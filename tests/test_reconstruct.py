@@ -1,0 +1,221 @@
+"""Reconstruction formulas on hand-made cases, and the fast aggregate against the reference.
+
+Notation: p target, q draft, P positions, V vocabulary size, K kept entries, rho kept mass,
+eps = 1 - rho, w_i worker weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from specfed.codecs import AdaptiveTopKCodec, FullCodec, Payload, TopKCodec, decode_any
+from specfed.reconstruct import RECONSTRUCTIONS, aggregate, reconstruct
+
+
+def sparse(vocab: int, *rows: tuple[list[int], list[float]]) -> Payload:
+    return Payload(
+        vocab_size=vocab,
+        indices=tuple(np.array(i, np.int64) for i, _ in rows),
+        values=tuple(np.array(v, np.float32) for _, v in rows),
+    )
+
+
+def softmax_rows(
+    rng: np.random.Generator, n_pos: int, vocab: int, scale: float = 2.0
+) -> np.ndarray:
+    logits = rng.standard_normal((n_pos, vocab)) * scale
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# V = 5, S = {3, 1}, p(3) = 0.5, p(1) = 0.25: rho = 0.75, eps = 0.25. All numbers are dyadic,
+# so every expected value below is exact in float64.
+HAND = sparse(5, ([3, 1], [0.5, 0.25]))
+Q_HAND = np.array([[0.125, 0.5, 0.25, 0.0, 0.125]])  # q(C) on C = {0, 2, 4} is 0.5
+
+
+def test_renormalize_formula() -> None:
+    np.testing.assert_array_equal(reconstruct(HAND, "renormalize"), [[0, 1 / 3, 0, 2 / 3, 0]])
+
+
+def test_residual_mass_formula() -> None:
+    c = 0.25 / 3  # eps / (V - K)
+    np.testing.assert_array_equal(reconstruct(HAND, "residual-mass"), [[c, 0.25, c, 0.5, c]])
+
+
+def test_draft_guided_formula() -> None:
+    # complement gets eps * q(v) / q(C) = 0.25 * q(v) / 0.5
+    p_hat = reconstruct(HAND, "draft-guided", Q_HAND)
+    np.testing.assert_array_equal(p_hat, [[0.0625, 0.25, 0.125, 0.5, 0.0625]])
+    assert p_hat.sum() == 1.0
+
+
+def test_draft_guided_falls_back_to_uniform_without_usable_q() -> None:
+    two = sparse(5, ([3, 1], [0.5, 0.25]), ([0], [0.5]))
+    uniform_row0 = [0.25 / 3, 0.25, 0.25 / 3, 0.5, 0.25 / 3]
+    # q only for position 0 (G = 1 < P = 2): position 1 (the "bonus" position) is uniform
+    p_hat = reconstruct(two, "draft-guided", Q_HAND)
+    np.testing.assert_array_equal(p_hat[0], [0.0625, 0.25, 0.125, 0.5, 0.0625])
+    np.testing.assert_array_equal(p_hat[1], [0.5, 0.125, 0.125, 0.125, 0.125])
+    # no q at all
+    np.testing.assert_array_equal(reconstruct(HAND, "draft-guided", None)[0], uniform_row0)
+    # q puts all its mass on S: nothing to be guided by
+    q_on_s = np.array([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    np.testing.assert_array_equal(reconstruct(HAND, "draft-guided", q_on_s)[0], uniform_row0)
+    # ... and the same holds up to float rounding of the complement mass
+    q_almost = np.array([[1e-12, 0.5, 0.0, 0.5, 0.0]])
+    np.testing.assert_array_equal(reconstruct(HAND, "draft-guided", q_almost)[0], uniform_row0)
+
+
+def test_draft_guided_with_zero_q_on_part_of_the_complement() -> None:
+    q = np.array([[0.0, 0.25, 0.5, 0.25, 0.0]])  # of C = {0, 2, 4}, only 2 has draft mass
+    np.testing.assert_array_equal(
+        reconstruct(HAND, "draft-guided", q), [[0.0, 0.25, 0.25, 0.5, 0.0]]
+    )
+
+
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+def test_k_equal_v_returns_exactly_the_input(method: str) -> None:
+    # values sum to 1 - 2**-20: a small eps from rounding, ignored when nothing is missing
+    vals = [0.5, 0.25, 0.125, 0.125 - 2.0**-20]
+    payload = sparse(4, ([2, 0, 3, 1], vals))
+    expected = np.zeros((1, 4))
+    expected[0, [2, 0, 3, 1]] = vals
+    q = np.full((1, 4), 0.25)
+    np.testing.assert_array_equal(reconstruct(payload, method, q), expected)
+    np.testing.assert_allclose(aggregate([payload], [1.0], method, q), expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+def test_dense_payload_is_used_as_sent(method: str) -> None:
+    p = softmax_rows(np.random.default_rng(0), 3, 50)
+    payload = decode_any(FullCodec().encode(p))
+    q = softmax_rows(np.random.default_rng(1), 2, 50)
+    np.testing.assert_array_equal(reconstruct(payload, method, q), p.astype(np.float64))
+    np.testing.assert_array_equal(aggregate([payload], [1.0], method, q), p)
+
+
+def test_renormalize_with_no_kept_mass_is_uniform() -> None:
+    payload = sparse(4, ([1], [0.0]), ([2], [0.5]))
+    p_hat = reconstruct(payload, "renormalize")
+    np.testing.assert_array_equal(p_hat, [[0.25] * 4, [0, 0, 1, 0]])
+    np.testing.assert_array_equal(aggregate([payload], [1.0], "renormalize"), p_hat)
+
+
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+@pytest.mark.parametrize("k", [1, 7, 99])
+def test_rows_sum_to_one(method: str, k: int) -> None:
+    rng = np.random.default_rng(k)
+    p = softmax_rows(rng, 4, 100)
+    q = softmax_rows(rng, 3, 100)
+    payload = decode_any(TopKCodec(k).encode(p))
+    p_hat = reconstruct(payload, method, q)
+    np.testing.assert_allclose(p_hat.sum(axis=1), 1.0, atol=1e-6)
+    assert (p_hat >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregate (fast path) == sum_i w_i reconstruct (reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def random_round(
+    rng: np.random.Generator, n_workers: int, n_pos: int, vocab: int, mixed: bool
+) -> tuple[list[Payload], np.ndarray]:
+    """Payloads from a mix of codecs (full, fp16, topk with per-worker K, adaptive)."""
+    codecs = [
+        TopKCodec(int(rng.integers(1, vocab // 2))),
+        AdaptiveTopKCodec(epsilon=0.1, k_max=vocab // 3),
+        TopKCodec(5, value_dtype="fp16", index_bytes=3),
+        FullCodec() if mixed else TopKCodec(vocab),
+        FullCodec("fp16") if mixed else AdaptiveTopKCodec(0.01, vocab, value_dtype="fp16"),
+    ]
+    payloads = []
+    for i in range(n_workers):
+        p = softmax_rows(rng, n_pos, vocab, scale=float(rng.uniform(0.5, 4.0)))
+        payloads.append(decode_any(codecs[i % len(codecs)].encode(p)))
+    return payloads, rng.dirichlet(np.ones(n_workers))
+
+
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_aggregate_equals_weighted_sum_of_reconstructions(
+    method: str, mixed: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n_workers, n_pos, vocab = [1, 3, 5, 6][seed], int(rng.integers(1, 6)), 300
+    payloads, w = random_round(rng, n_workers, n_pos, vocab, mixed)
+    n_q = int(rng.integers(0, n_pos + 1))  # q for the first G positions only, G in 0..P
+    q = softmax_rows(rng, n_q, vocab) if n_q else None
+    if q is not None and not payloads[0].is_dense:
+        # position 0: q only on worker 0's kept set -> worker 0 falls back to uniform there
+        q[0] = 0.0
+        q[0, payloads[0].indices[0]] = 1.0 / len(payloads[0].indices[0])
+    expected = sum(wi * reconstruct(pl, method, q) for wi, pl in zip(w, payloads, strict=True))
+    got = aggregate(payloads, w, method, q)
+    assert got.dtype == np.float32 and got.shape == (n_pos, vocab)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert (got >= 0).all()
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_aggregate_draft_guided_fallback_rows_match_reference() -> None:
+    payloads = [HAND, sparse(5, ([0, 4], [0.5, 0.25]))]
+    q_on_s = np.array([[0.0, 0.5, 0.0, 0.5, 0.0]])  # worker 0: no q mass on C -> uniform
+    expected = 0.5 * reconstruct(payloads[0], "draft-guided", q_on_s) + 0.5 * reconstruct(
+        payloads[1], "draft-guided", q_on_s
+    )
+    np.testing.assert_allclose(
+        aggregate(payloads, [0.5, 0.5], "draft-guided", q_on_s), expected, atol=1e-7
+    )
+    # worker 0 uniform: [1/12, 1/4, 1/12, 1/2, 1/12]; worker 1 guided: [1/2, 1/8, 0, 1/8, 1/4]
+    np.testing.assert_allclose(expected[0], [7 / 24, 3 / 16, 1 / 24, 5 / 16, 1 / 6], atol=1e-15)
+
+
+def test_aggregate_writes_into_out_and_skips_zero_weights() -> None:
+    rng = np.random.default_rng(7)
+    payloads, _ = random_round(rng, 3, 2, 40, mixed=True)
+    out = np.full((2, 40), 99.0, np.float32)
+    got = aggregate(payloads, [0.0, 1.0, 0.0], "residual-mass", out=out)
+    assert got is out
+    np.testing.assert_allclose(got, reconstruct(payloads[1], "residual-mass"), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda pl: aggregate([], [], "renormalize"), "at least one payload"),
+        (lambda pl: aggregate(pl, [0.5, 0.4], "renormalize"), "sum to 1"),
+        (lambda pl: aggregate(pl, [1.5, -0.5], "renormalize"), ">= 0"),
+        (lambda pl: aggregate(pl, [1.0], "renormalize"), "one weight per payload"),
+        (lambda pl: aggregate(pl, [0.5, 0.5], "average"), "unknown reconstruction"),
+        (
+            lambda pl: aggregate(pl, [0.5, 0.5], "draft-guided", np.ones((3, 5)) / 5),
+            "G <= P=2",
+        ),
+        (
+            lambda pl: aggregate(pl, [0.5, 0.5], "renormalize", out=np.empty((2, 5))),
+            "float32",
+        ),
+        (
+            lambda pl: aggregate(
+                [pl[0], sparse(6, ([0], [1.0]), ([0], [1.0]))], [0.5, 0.5], "renormalize"
+            ),
+            "worker 1: payload has V=6",
+        ),
+        (
+            lambda pl: aggregate([pl[0], sparse(5, ([0], [1.0]))], [0.5, 0.5], "renormalize"),
+            "worker 1: payload has V=5, P=1",
+        ),
+    ],
+)
+def test_aggregate_validates_its_inputs(
+    call: Callable[[list[Payload]], object], message: str
+) -> None:
+    two = [sparse(5, ([1], [0.5]), ([2], [0.5])), sparse(5, ([3], [0.5]), ([4], [0.5]))]
+    with pytest.raises(ValueError, match=message):
+        call(two)
