@@ -7,6 +7,9 @@
     python -m specfed.bench vs-hf    our engine vs HF generate(assistant_model=...) vs
                                      target-only, greedy, real Qwen pair
     python -m specfed.bench dtype    fp32 vs bf16 weights: speed, peak memory, outputs
+    python -m specfed.bench loopback round overhead over TCP on loopback: round time minus
+                                     (draft + slowest worker compute), full vs top-K,
+                                     real Qwen pair, 2 worker processes
 
 Timings are medians over repetitions after a warm-up that is dropped.
 """
@@ -20,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,18 +82,29 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
                     speculative_accept(drafts, q, p_hat, uniforms)
 
                 t = _time_ms(one_round, reps)
-                server.append({"transmission": mode, "k": k, "reconstruction": rec, "n_workers": n,
-                               "bytes_per_worker": len(messages[0]), **t})
+                server.append(
+                    {
+                        "transmission": mode,
+                        "k": k,
+                        "reconstruction": rec,
+                        "n_workers": n,
+                        "bytes_per_worker": len(messages[0]),
+                        **t,
+                    }
+                )
                 log(f"round {mode} k={k} {rec} N={n}: {t['median_ms']:.2f} ms")
     encode = []
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
         codec = make_codec(mode, k=k)
         t = _time_ms(lambda codec=codec: codec.encode(ps[0]), reps)
         encode.append({"transmission": mode, "k": k, "positions": gamma + 1, **t})
-    key = {(r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
-           for r in server}
-    per_worker = {rec: (key[("topk", 64, rec, 8)] - key[("topk", 64, rec, 2)]) / 6
-                  for rec in RECONSTRUCTIONS}
+    key = {
+        (r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
+        for r in server
+    }
+    per_worker = {
+        rec: (key[("topk", 64, rec, 8)] - key[("topk", 64, rec, 2)]) / 6 for rec in RECONSTRUCTIONS
+    }
     return {
         "benchmark": "round",
         "vocab_size": vocab,
@@ -99,7 +114,9 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
         "server_round": server,
         "worker_encode": encode,
         "targets": {
-            "round_ms_at_N4_K64 (<= 5)": {rec: key[("topk", 64, rec, 4)] for rec in RECONSTRUCTIONS},
+            "round_ms_at_N4_K64 (<= 5)": {
+                rec: key[("topk", 64, rec, 4)] for rec in RECONSTRUCTIONS
+            },
             "slope_ms_per_worker_K64": per_worker,
             "encode_ms_at_K64 (<= 2)": next(e["median_ms"] for e in encode if e["k"] == 64),
         },
@@ -145,9 +162,10 @@ def _prompt_ids(lm: Any, spec: str) -> list[list[int]]:
 def _hf_generate(model: Any, ids: list[int], n: int, assistant: Any = None) -> list[int]:
     kw: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, **kw)
-    return [int(t) for t in out[0, len(ids):]]
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw
+        )
+    return [int(t) for t in out[0, len(ids) :]]
 
 
 def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,8 +181,9 @@ def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _prompt_ids(target, args.prompts)
     n = args.max_new_tokens
     no_eos = frozenset()
-    ours = FederatedGenerator(draft, [LocalWorker("w1", target)], gamma=args.gamma,
-                              temperature=0, measure_fidelity=False)
+    ours = FederatedGenerator(
+        draft, [LocalWorker("w1", target)], gamma=args.gamma, temperature=0, measure_fidelity=False
+    )
     methods: dict[str, Callable[[list[int]], list[int]]] = {
         "specfed": lambda ids: ours.generate(ids, n, seed=0, eos_token_ids=no_eos).tokens,
         "hf_assisted": lambda ids: _hf_generate(target.model, ids, n, draft.model),
@@ -182,17 +201,28 @@ def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
             outputs[name] = [fn(ids) for ids in prompts]
             dt = time.perf_counter() - t0
         n_tok = sum(len(o) for o in outputs[name])
-        results[name] = {"tokens": n_tok, "seconds": dt, "tokens_per_s": n_tok / dt,
-                         "peak_rss_gib": mem.peak_gib}
+        results[name] = {
+            "tokens": n_tok,
+            "seconds": dt,
+            "tokens_per_s": n_tok / dt,
+            "peak_rss_gib": mem.peak_gib,
+        }
         log(f"{name}: {n_tok / dt:.2f} tok/s, peak RSS {mem.peak_gib:.2f} GiB")
-    agree = {name: sum(a == b for a, b in zip(outputs[name], outputs["hf_target_only"],
-                                              strict=True)) / len(prompts)
-             for name in methods}
+    agree = {
+        name: sum(a == b for a, b in zip(outputs[name], outputs["hf_target_only"], strict=True))
+        / len(prompts)
+        for name in methods
+    }
     return {
         "benchmark": "vs-hf",
-        "target": args.target, "draft": args.draft, "dtype": args.dtype,
-        "threads": args.threads, "gamma": args.gamma, "prompts": args.prompts,
-        "max_new_tokens": n, "methods": results,
+        "target": args.target,
+        "draft": args.draft,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "gamma": args.gamma,
+        "prompts": args.prompts,
+        "max_new_tokens": n,
+        "methods": results,
         "speedup_vs_hf_assisted": results["specfed"]["tokens_per_s"]
         / results["hf_assisted"]["tokens_per_s"],
         "speedup_vs_target_only": results["specfed"]["tokens_per_s"]
@@ -219,18 +249,29 @@ def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
                 s.sync(prompts[0], 1)
                 # verify-shaped forward: gamma + 1 new tokens on a committed prefix
                 start = len(s.tokens)
-                t_verify = _time_ms(lambda: s.forward(start, prompts[0][:5], 5), 5)
-                t_step = _time_ms(lambda: s.forward(start, prompts[0][:1], 1), 5)
-                gen = FederatedGenerator(None, [LocalWorker("w", lm)], gamma=0, temperature=0,
-                                         measure_fidelity=False)
+                verify_ids, step_ids = prompts[0][:5], prompts[0][:1]
+                t_verify = _time_ms(lambda s=s, a=start, t=verify_ids: s.forward(a, t, 5), 5)
+                t_step = _time_ms(lambda s=s, a=start, t=step_ids: s.forward(a, t, 1), 5)
+                gen = FederatedGenerator(
+                    None, [LocalWorker("w", lm)], gamma=0, temperature=0, measure_fidelity=False
+                )
                 t0 = time.perf_counter()
-                outs = [gen.generate(ids, args.max_new_tokens, 0, eos_token_ids=frozenset()).tokens
-                        for ids in prompts]
+                outs = [
+                    gen.generate(ids, args.max_new_tokens, 0, eos_token_ids=frozenset()).tokens
+                    for ids in prompts
+                ]
                 tok_s = sum(map(len, outs)) / (time.perf_counter() - t0)
             greedy.setdefault(spec, {})[dtype] = outs
-            rows.append({"model": spec, "dtype": dtype, "decode_tokens_per_s": tok_s,
-                         "verify_5_tokens_ms": t_verify["median_ms"],
-                         "one_token_step_ms": t_step["median_ms"], "peak_rss_gib": mem.peak_gib})
+            rows.append(
+                {
+                    "model": spec,
+                    "dtype": dtype,
+                    "decode_tokens_per_s": tok_s,
+                    "verify_5_tokens_ms": t_verify["median_ms"],
+                    "one_token_step_ms": t_step["median_ms"],
+                    "peak_rss_gib": mem.peak_gib,
+                }
+            )
             log(json.dumps(rows[-1]))
             del lm, gen, s
     same = {}
@@ -239,15 +280,128 @@ def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
         for a, b in zip(by["fp32"], by["bf16"], strict=True):
             diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
             firsts.append(diff[0] if diff else None)
-        same[spec] = {"identical_prompts": sum(f is None for f in firsts) / len(firsts),
-                      "first_divergence_positions": firsts}
-    return {"benchmark": "dtype", "threads": args.threads, "prompts": args.prompts,
-            "max_new_tokens": args.max_new_tokens, "rows": rows, "greedy_fp32_vs_bf16": same}
+        same[spec] = {
+            "identical_prompts": sum(f is None for f in firsts) / len(firsts),
+            "first_divergence_positions": firsts,
+        }
+    return {
+        "benchmark": "dtype",
+        "threads": args.threads,
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "rows": rows,
+        "greedy_fp32_vs_bf16": same,
+    }
+
+
+def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
+    """Two real worker processes on 127.0.0.1; per-round overhead of the network path."""
+    import os
+    import subprocess
+    import tempfile
+
+    from specfed.client import RemoteWorker
+    from specfed.engine import FederatedGenerator, Transmission
+    from specfed.models import load_model
+
+    torch.set_num_threads(args.threads)
+    logdir = Path(tempfile.mkdtemp(prefix="specfed-bench-"))
+    procs, addrs = [], []
+    try:
+        for i, spec in enumerate(args.workers.split(",")):
+            log_fh = (logdir / f"w{i + 1}.log").open("w")
+            p = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "specfed.worker",
+                    "--model",
+                    spec,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--threads",
+                    str(args.threads),
+                    "--dtype",
+                    args.dtype,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log_fh,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+            procs.append(p)
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if "ready on" not in line:
+                raise RuntimeError(f"worker {spec} failed, see {logdir}")
+            addrs.append(("127.0.0.1", int(line.split("ready on ")[1].split()[0].rsplit(":")[1])))
+            log(line.strip())
+        draft = load_model(args.draft, dtype=args.dtype)
+        prompts = _prompt_ids(draft, args.prompts)
+        clients = [RemoteWorker(f"w{i + 1}", a, draft) for i, a in enumerate(addrs)]
+        modes = {"full": Transmission("full"), "topk64": Transmission("topk", k=64)}
+        out: dict[str, Any] = {}
+        for label, tr in modes.items():
+            gen = FederatedGenerator(
+                draft,
+                clients,
+                gamma=args.gamma,
+                temperature=1.0,
+                transmissions=tr,
+                parallel=True,
+                measure_fidelity=False,
+            )
+            gen.generate(prompts[0][:8], 4, seed=99)  # warm-up, dropped
+            rounds = [
+                r
+                for i, ids in enumerate(prompts)
+                for r in gen.generate(ids, args.max_new_tokens, seed=i).rounds
+            ]
+            overhead = [
+                r.t_round_ms - r.t_draft_ms - max(w.t_worker_ms for w in r.workers) for r in rounds
+            ]
+            agg = [r.t_aggregate_ms for r in rounds]
+            net = [w.t_net_ms for r in rounds for w in r.workers]
+            out[label] = {
+                "rounds": len(rounds),
+                "overhead_ms_median": float(np.median(overhead)),
+                "overhead_ms_p90": float(np.percentile(overhead, 90)),
+                "server_aggregate_ms_median": float(np.median(agg)),
+                "t_net_ms_median": float(np.median(net)),
+                "bytes_up_per_worker_round_median": float(
+                    np.median([w.bytes_up for r in rounds for w in r.workers])
+                ),
+                "t_round_ms_median": float(np.median([r.t_round_ms for r in rounds])),
+                "t_draft_ms_median": float(np.median([r.t_draft_ms for r in rounds])),
+            }
+            log(f"{label}: {json.dumps(out[label])}")
+        for c in clients:
+            c.close()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+    return {
+        "benchmark": "loopback",
+        "workers": args.workers,
+        "draft": args.draft,
+        "dtype": args.dtype,
+        "gamma": args.gamma,
+        "threads_per_process": args.threads,
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "modes": out,
+        "note": "overhead = t_round - t_draft - max_i t_worker_i: framing, loopback "
+        "transfer, decode, reconstruct, aggregate, accept, thread hand-offs",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specfed.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m specfed.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="which", required=True)
     r = sub.add_parser("round", help="server cost per round, worker encode cost")
     r.add_argument("--reps", type=int, default=30)
@@ -262,8 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "vs-hf":
             p.add_argument("--gamma", type=int, default=4)
             p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    lb = sub.add_parser("loopback")
+    lb.add_argument("--workers", default="qwen2.5-coder-1.5b,qwen2.5-coder-0.5b")
+    lb.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    lb.add_argument("--prompts", default="humaneval[:2]")
+    lb.add_argument("--max-new-tokens", type=int, default=32)
+    lb.add_argument("--gamma", type=int, default=4)
+    lb.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    lb.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
-    if args.which == "round":
+    if args.which == "loopback":
+        out = bench_loopback(args)
+    elif args.which == "round":
         out = bench_round(args.reps, args.threads)
     elif args.which == "vs-hf":
         out = bench_vs_hf(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from dataclasses import replace
@@ -89,10 +90,8 @@ class RemoteWorker:
 
     def end(self, request_id: str) -> None:
         """Tell the worker to free the request's KV cache (best effort, no reply)."""
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(MsgType.END, wire.encode_end(request_id))
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.conn.close()

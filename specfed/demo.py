@@ -34,22 +34,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--draft", default="qwen2.5-coder-0.5b", help="draft model (bundle name, "
-                    "HF folder, .gguf file or hub id)")
-    ap.add_argument("--workers", default="qwen2.5-coder-1.5b,qwen2.5-coder-0.5b",
-                    help="comma-separated worker models")
+    ap.add_argument(
+        "--draft",
+        default="qwen2.5-coder-0.5b",
+        help="draft model (bundle name, HF folder, .gguf file or hub id)",
+    )
+    ap.add_argument(
+        "--workers",
+        default="qwen2.5-coder-1.5b,qwen2.5-coder-0.5b",
+        help="comma-separated worker models",
+    )
     ap.add_argument("--weights", default=None, help="comma-separated w_i (default: equal)")
     ap.add_argument("--prompts", default="humaneval[:2]", help="prompt spec (see specfed.prompts)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--gamma", type=int, default=4, help="drafted tokens per round")
     ap.add_argument("--temperature", type=float, default=0.8, help="T (0 = greedy)")
     ap.add_argument("--k", type=int, default=64, help="K for top-K transmission")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
-                    help="weight dtype (softmax and everything after stay fp32)")
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["fp32", "bf16"],
+        help="weight dtype (softmax and everything after stay fp32)",
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    ap.add_argument("--out", type=Path, default=Path("results/demo-inprocess"),
-                    help="where the rounds/requests tables go")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/demo-inprocess"),
+        help="where the rounds/requests tables go",
+    )
     return ap.parse_args(argv)
 
 
@@ -77,21 +91,33 @@ def main(argv: list[str] | None = None) -> int:
         ("SD full", dict(gamma=args.gamma, transmissions=Transmission("full"))),
     ]
     for rec in RECONSTRUCTIONS:
-        configs.append((f"SD top-{args.k} {rec}", dict(
-            gamma=args.gamma, transmissions=Transmission("topk", k=args.k), reconstruction=rec)))
+        configs.append(
+            (
+                f"SD top-{args.k} {rec}",
+                dict(
+                    gamma=args.gamma,
+                    transmissions=Transmission("topk", k=args.k),
+                    reconstruction=rec,
+                ),
+            )
+        )
 
     requests, rounds = [], []
     outputs: dict[tuple[str, str], list[int]] = {}
     bar = tqdm(total=len(configs) * len(prompts), desc="demo", unit="request")
     for label, cfg in configs:
         gen = FederatedGenerator(
-            draft if cfg["gamma"] > 0 else None, workers, weights,
-            temperature=args.temperature, **cfg,
+            draft if cfg["gamma"] > 0 else None,
+            workers,
+            weights,
+            temperature=args.temperature,
+            **cfg,
         )
         for i, prompt in enumerate(prompts):
             ids = list(prompt.token_ids) if prompt.token_ids else draft.encode(prompt.text or "")
-            res = gen.generate(ids, args.max_new_tokens, seed=args.seed + i,
-                               request_id=f"{label}/{prompt.id}")
+            res = gen.generate(
+                ids, args.max_new_tokens, seed=args.seed + i, request_id=f"{label}/{prompt.id}"
+            )
             outputs[(label, prompt.id)] = res.tokens
             requests.append({"config": label, "prompt": prompt.id, **res.summary()})
             rounds += [{"config": label, "prompt": prompt.id, **r} for r in res.round_rows()]
@@ -101,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     req = pd.DataFrame(requests)
     rnd = pd.DataFrame(rounds)
     req["same_as_full"] = [
-        outputs[(c, p)] == outputs[("SD full", p)] for c, p in zip(req.config, req.prompt, strict=True)
+        outputs[(c, p)] == outputs[("SD full", p)]
+        for c, p in zip(req.config, req.prompt, strict=True)
     ]
     table = req.groupby("config", sort=False).agg(
         ms_per_token=("ms_per_token", "mean"),
@@ -110,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         bytes_per_token=("bytes_per_token", "mean"),
         same_as_full=("same_as_full", "mean"),
     )
-    lossy = rnd.groupby("config", sort=False).agg(eps=("eps_mean", "mean"),
-                                                   l1=("local_l1", "mean"))
+    lossy = rnd.groupby("config", sort=False).agg(eps=("eps_mean", "mean"), l1=("local_l1", "mean"))
     table = table.join(lossy)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out / stamp
@@ -121,14 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     (out / "args.json").write_text(json.dumps(vars(args), default=str, indent=2))
 
     print()
-    print(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, gamma={args.gamma}, "
-          f"T={args.temperature}, workers={worker_specs}, draft={args.draft}, {args.dtype}")
-    print(tabulate(table.reset_index(), headers="keys", floatfmt=".3g", tablefmt="github",
-                   showindex=False))
-    print("\nms_per_token: wall time in this process (no network); bytes_per_token: encoded "
-          "distributions sent by all workers per generated token; same_as_full: fraction of "
-          "prompts whose output equals SD full under the same seed; eps: mean dropped mass; "
-          "l1: mean ||p_i - p_hat_i||_1 measured by the workers (NaN for draft-guided).")
+    print(
+        f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, gamma={args.gamma}, "
+        f"T={args.temperature}, workers={worker_specs}, draft={args.draft}, {args.dtype}"
+    )
+    print(
+        tabulate(
+            table.reset_index(), headers="keys", floatfmt=".3g", tablefmt="github", showindex=False
+        )
+    )
+    print(
+        "\nms_per_token: wall time in this process (no network); bytes_per_token: encoded "
+        "distributions sent by all workers per generated token; same_as_full: fraction of "
+        "prompts whose output equals SD full under the same seed; eps: mean dropped mass; "
+        "l1: mean ||p_i - p_hat_i||_1 measured by the workers (NaN for draft-guided)."
+    )
     first = prompts[0]
     print(f"\n{first.id} with SD full:\n{draft.decode(outputs[('SD full', first.id)])!r}")
     print(f"\nrecords: {out}")

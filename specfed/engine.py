@@ -14,11 +14,12 @@ runs with in-process workers (`LocalWorker`, here) and with remote ones over TCP
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -65,7 +66,7 @@ class Transmission:
             epsilon=self.epsilon if self.mode == "adaptive" else None,
             k_max=self.k if self.mode == "adaptive" else None,
             value_dtype=self.value_dtype,
-            index_bytes=self.index_bytes,
+            index_bytes=self.index_bytes if self.mode != "full" else None,
         )
 
     @property
@@ -430,8 +431,14 @@ class FederatedGenerator:
                 for i in active:
                     start = min(_common_prefix(seen[i], seq), len(seq) - n_pos)
                     requests[i] = VerifyRequest(
-                        rid, start, seq[start:], n_pos, self.temperature,
-                        self.transmissions[i], self.reconstruction, self.measure_fidelity,
+                        rid,
+                        start,
+                        seq[start:],
+                        n_pos,
+                        self.temperature,
+                        self.transmissions[i],
+                        self.reconstruction,
+                        self.measure_fidelity,
                     )
                 t_v = time.perf_counter()
                 replies, lost = self._verify_all(requests)
@@ -515,10 +522,8 @@ class FederatedGenerator:
             if self.proposer is not None:
                 self.proposer.end(rid)
             for i in active:
-                try:
+                with contextlib.suppress(WorkerLost):
                     self.workers[i].end(rid)
-                except WorkerLost:
-                    pass
         return GenerationResult(
             request_id=rid,
             prompt_tokens=len(prompt),
@@ -530,8 +535,9 @@ class FederatedGenerator:
         )
 
 
-def mixture(lms: Sequence[LoadedModel], weights: Sequence[float], context: Sequence[int],
-            temperature: float) -> np.ndarray:
+def mixture(
+    lms: Sequence[LoadedModel], weights: Sequence[float], context: Sequence[int], temperature: float
+) -> np.ndarray:
     """The exact federated target p = sum_i w_i p_i after `context`, [V] float64 (for tests
     and fidelity studies; the generator never uses it)."""
     from specfed.models import KVSession, probabilities

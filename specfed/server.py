@@ -69,8 +69,9 @@ class Point:
     def label(self) -> str:
         if self.transmission == "full":
             return f"full g={self.gamma} T={self.temperature}"
-        return (f"{self.transmission}{self.k} {self.reconstruction} g={self.gamma} "
-                f"T={self.temperature}")
+        return (
+            f"{self.transmission}{self.k} {self.reconstruction} g={self.gamma} T={self.temperature}"
+        )
 
 
 def _list(text: str, conv: Any, what: str) -> list[Any]:
@@ -105,26 +106,50 @@ def expand_points(args: argparse.Namespace) -> list[Point]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m specfed.server", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draft", required=True, help="draft model: bundle name, HF folder, .gguf, "
-                    "hub id (its tokenizer also encodes the prompts)")
+    ap = argparse.ArgumentParser(
+        prog="python -m specfed.server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--draft",
+        required=True,
+        help="draft model: bundle name, HF folder, .gguf, "
+        "hub id (its tokenizer also encodes the prompts)",
+    )
     ap.add_argument("--workers", required=True, help="HOST:PORT[,HOST:PORT...] of the workers")
     ap.add_argument("--worker-names", default=None, help="names for the records (default w1..wN)")
     ap.add_argument("--weights", default=None, help="w_i, comma-separated, sum 1 (default equal)")
     ap.add_argument("--transmission", default="full", help="full|topk|adaptive, comma-separated")
     ap.add_argument("--k", default=None, help="K for topk / cap for adaptive, comma-separated")
-    ap.add_argument("--epsilon", type=float, default=0.01,
-                    help="adaptive: keep the smallest K with mass >= 1 - epsilon")
-    ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "fp16"],
-                    help="probability values on the wire")
-    ap.add_argument("--reconstruction", default="renormalize",
-                    help=f"{'|'.join(RECONSTRUCTIONS)}, comma-separated")
-    ap.add_argument("--gamma", default="4", help="drafted tokens per round, comma-separated "
-                    "(0 = federated autoregressive baseline)")
+    ap.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.01,
+        help="adaptive: keep the smallest K with mass >= 1 - epsilon",
+    )
+    ap.add_argument(
+        "--value-dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="probability values on the wire",
+    )
+    ap.add_argument(
+        "--reconstruction",
+        default="renormalize",
+        help=f"{'|'.join(RECONSTRUCTIONS)}, comma-separated",
+    )
+    ap.add_argument(
+        "--gamma",
+        default="4",
+        help="drafted tokens per round, comma-separated (0 = federated autoregressive baseline)",
+    )
     ap.add_argument("--temperature", default="1.0", help="T, comma-separated (0 = greedy)")
-    ap.add_argument("--prompts", default="humaneval[:4]", help="humaneval[a:b], FILE.jsonl, "
-                    "ids:1,2,3 or a literal prompt")
+    ap.add_argument(
+        "--prompts",
+        default="humaneval[:4]",
+        help="humaneval[a:b], FILE.jsonl, ids:1,2,3 or a literal prompt",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="request i of every point uses seed + i")
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="draft weights")
@@ -133,13 +158,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run-id", default=None, help="run id column (default: random)")
     ap.add_argument("--rep", type=int, default=0, help="repetition number column")
     ap.add_argument("--point-offset", type=int, default=0, help="added to the point column")
-    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                    help="constant column added to every row (e.g. link parameters); repeatable")
-    ap.add_argument("--on-worker-loss", default="fail", choices=["fail", "continue"],
-                    help="fail: end the run with an error naming the worker; continue: drop "
-                    "it, renormalize the weights over the rest and go on")
-    ap.add_argument("--no-fidelity", action="store_true",
-                    help="workers skip measuring ||p_i - p_hat_i||_1 (saves O(V) per position)")
+    ap.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="constant column added to every row (e.g. link parameters); repeatable",
+    )
+    ap.add_argument(
+        "--on-worker-loss",
+        default="fail",
+        choices=["fail", "continue"],
+        help="fail: end the run with an error naming the worker; continue: drop "
+        "it, renormalize the weights over the rest and go on",
+    )
+    ap.add_argument(
+        "--no-fidelity",
+        action="store_true",
+        help="workers skip measuring ||p_i - p_hat_i||_1 (saves O(V) per position)",
+    )
     ap.add_argument("--connect-timeout", type=float, default=10.0, help="s")
     ap.add_argument("--read-timeout", type=float, default=120.0, help="s, per socket read")
     ap.add_argument("--round-timeout", type=float, default=300.0, help="s, per worker round")
@@ -160,14 +197,20 @@ def _tags(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         points = expand_points(args)
         tags = _tags(args.tag)
         addrs = [parse_addr(a, "--workers entry") for a in args.workers.split(",")]
-        names = args.worker_names.split(",") if args.worker_names else [
-            f"w{i + 1}" for i in range(len(addrs))]
+        names = (
+            args.worker_names.split(",")
+            if args.worker_names
+            else [f"w{i + 1}" for i in range(len(addrs))]
+        )
         if len(names) != len(addrs):
             raise ValueError(f"{len(names)} --worker-names for {len(addrs)} workers")
         weights = _list(args.weights, float, "--weights") if args.weights else None
@@ -179,44 +222,83 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         draft = load_model(args.draft, dtype=args.dtype)
-        workers = [RemoteWorker(n, a, draft, args.connect_timeout, args.read_timeout,
-                                args.round_timeout, args.max_frame)
-                   for n, a in zip(names, addrs, strict=True)]
+        workers = [
+            RemoteWorker(
+                n,
+                a,
+                draft,
+                args.connect_timeout,
+                args.read_timeout,
+                args.round_timeout,
+                args.max_frame,
+            )
+            for n, a in zip(names, addrs, strict=True)
+        ]
     except (ModelError, WorkerLost, OSError) as exc:
         print(f"specfed.server: {exc}", file=sys.stderr)
         return 2
     run_id = args.run_id or uuid.uuid4().hex[:8]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "server.json").write_text(json.dumps({
-        "argv": sys.argv if argv is None else argv, "run_id": run_id,
-        "points": [p.__dict__ for p in points], "python": platform.python_version(),
-        "torch": torch.__version__, "workers": {w.name: w.model_name for w in workers},
-        "draft": {"name": args.draft, "vocab_size": draft.vocab_size,
-                  "fingerprint": draft.fingerprint, "dtype": args.dtype},
-    }, indent=2))
+    (args.out / "server.json").write_text(
+        json.dumps(
+            {
+                "argv": sys.argv if argv is None else argv,
+                "run_id": run_id,
+                "points": [p.__dict__ for p in points],
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "workers": {w.name: w.model_name for w in workers},
+                "draft": {
+                    "name": args.draft,
+                    "vocab_size": draft.vocab_size,
+                    "fingerprint": draft.fingerprint,
+                    "dtype": args.dtype,
+                },
+            },
+            indent=2,
+        )
+    )
     rounds_t = Table(args.out / "rounds.csv", ROUND_COLUMNS, tags)
     requests_t = Table(args.out / "requests.csv", REQUEST_COLUMNS, tags)
     events = (args.out / "events.jsonl").open("a", encoding="utf-8")
-    print(f"specfed.server ready: {len(workers)} workers, {len(points)} points x "
-          f"{len(prompts)} prompts, run {run_id}", flush=True)
+    print(
+        f"specfed.server ready: {len(workers)} workers, {len(points)} points x "
+        f"{len(prompts)} prompts, run {run_id}",
+        flush=True,
+    )
 
     status = 0
     results: list[dict[str, Any]] = []
     for pi, point in enumerate(points):
         gen = FederatedGenerator(
-            draft if point.gamma > 0 else None, workers, weights,
+            draft if point.gamma > 0 else None,
+            workers,
+            weights,
             transmissions=Transmission(
-                point.transmission, k=point.k, value_dtype=args.value_dtype,
-                epsilon=args.epsilon if point.transmission == "adaptive" else None),
-            reconstruction="renormalize" if point.reconstruction == "none" else point.reconstruction,
-            gamma=point.gamma, temperature=point.temperature,
-            measure_fidelity=not args.no_fidelity, parallel=True,
+                point.transmission,
+                k=point.k,
+                value_dtype=args.value_dtype,
+                epsilon=args.epsilon if point.transmission == "adaptive" else None,
+            ),
+            reconstruction="renormalize"
+            if point.reconstruction == "none"
+            else point.reconstruction,
+            gamma=point.gamma,
+            temperature=point.temperature,
+            measure_fidelity=not args.no_fidelity,
+            parallel=True,
             on_worker_loss=args.on_worker_loss,
         )
-        keys = {"run_id": run_id, "point": pi + args.point_offset, "rep": args.rep,
-                "transmission": point.transmission, "k": point.k,
-                "reconstruction": point.reconstruction, "gamma": point.gamma,
-                "temperature": point.temperature}
+        keys = {
+            "run_id": run_id,
+            "point": pi + args.point_offset,
+            "rep": args.rep,
+            "transmission": point.transmission,
+            "k": point.k,
+            "reconstruction": point.reconstruction,
+            "gamma": point.gamma,
+            "temperature": point.temperature,
+        }
         for i, prompt in enumerate(prompts):
             rid = f"{run_id}-p{pi}-{i}"
             ids = list(prompt.token_ids) if prompt.token_ids else draft.encode(prompt.text or "")
@@ -229,15 +311,26 @@ def main(argv: list[str] | None = None) -> int:
 
             t0 = time.perf_counter()
             try:
-                res = gen.generate(ids, args.max_new_tokens, seed=args.seed + i,
-                                   request_id=rid, on_round=on_round)
+                res = gen.generate(
+                    ids, args.max_new_tokens, seed=args.seed + i, request_id=rid, on_round=on_round
+                )
             except WorkerLost as exc:
                 msg = str(exc)
-                events.write(json.dumps({"request_id": rid, "event": "failed", "error": msg,
-                                         "t_s": time.perf_counter() - t0}) + "\n")
+                events.write(
+                    json.dumps(
+                        {
+                            "request_id": rid,
+                            "event": "failed",
+                            "error": msg,
+                            "t_s": time.perf_counter() - t0,
+                        }
+                    )
+                    + "\n"
+                )
                 events.flush()
-                requests_t.append({**req_keys, "seed": args.seed + i, "status": "error",
-                                   "events": msg})
+                requests_t.append(
+                    {**req_keys, "seed": args.seed + i, "status": "error", "events": msg}
+                )
                 print(f"specfed.server: request {rid} failed: {msg}", file=sys.stderr)
                 status = 1
                 break
@@ -249,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                 events.flush()
                 print(f"specfed.server: {rid}: {ev}", file=sys.stderr)
             if not args.quiet:
-                print(f"[{pi + 1}/{len(points)}] {point.label} {prompt.id}: "
-                      f"{row['new_tokens']} tokens, {row['ms_per_token']:.1f} ms/token, "
-                      f"acceptance {row['acceptance']:.2f}", flush=True)
+                print(
+                    f"[{pi + 1}/{len(points)}] {point.label} {prompt.id}: "
+                    f"{row['new_tokens']} tokens, {row['ms_per_token']:.1f} ms/token, "
+                    f"acceptance {row['acceptance']:.2f}",
+                    flush=True,
+                )
         if status:
             break
     for w in workers:
@@ -266,20 +362,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _request_row(res: GenerationResult, keys: dict[str, Any], seed: int) -> dict[str, Any]:
-    return {**keys, **res.summary(), "seed": seed, "status": "ok",
-            "events": "; ".join(res.events), "tokens": res.tokens}
+    return {
+        **keys,
+        **res.summary(),
+        "seed": seed,
+        "status": "ok",
+        "events": "; ".join(res.events),
+        "tokens": res.tokens,
+    }
 
 
 def _print_summary(results: list[dict[str, Any]]) -> None:
     df = pd.DataFrame(results)
-    table = df.groupby("label", sort=False).agg(
-        requests=("request_id", "count"),
-        ms_per_token=("ms_per_token", "mean"),
-        ttft_ms=("ttft_ms", "mean"),
-        acceptance=("acceptance", "mean"),
-        tokens_per_round=("tokens_per_round", "mean"),
-        bytes_per_token=("bytes_per_token", "mean"),
-    ).reset_index()
+    table = (
+        df.groupby("label", sort=False)
+        .agg(
+            requests=("request_id", "count"),
+            ms_per_token=("ms_per_token", "mean"),
+            ttft_ms=("ttft_ms", "mean"),
+            acceptance=("acceptance", "mean"),
+            tokens_per_round=("tokens_per_round", "mean"),
+            bytes_per_token=("bytes_per_token", "mean"),
+        )
+        .reset_index()
+    )
     table["acceptance"] = table["acceptance"].astype(float).replace(np.nan, None)
     print(tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github", showindex=False))
 

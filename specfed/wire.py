@@ -18,6 +18,7 @@ connection after sending an ERROR frame where it can.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import socket
@@ -196,7 +197,14 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
         index_bytes=ib or None,
     )
     return VerifyRequest(
-        rid, start, tokens.tolist(), n_pos, temp, transmission, RECONSTRUCTIONS[rec], bool(flags & 1)
+        rid,
+        start,
+        tokens.tolist(),
+        n_pos,
+        temp,
+        transmission,
+        RECONSTRUCTIONS[rec],
+        bool(flags & 1),
     )
 
 
@@ -217,7 +225,7 @@ def decode_reply(body: bytes) -> VerifyReply:
 
 
 def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
-    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 26 fixed + 4 per token."""
+    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 27 fixed + 4 per token."""
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _VERIFY.size + 4 * n_tokens
 
 
@@ -341,7 +349,5 @@ class Connection:
         return kind, self._read_exact(n, deadline), HEADER.size + n
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -15,6 +15,7 @@ its connection is closed; the process keeps serving the others. Protocol: docs/w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -101,7 +102,9 @@ class WorkerService:
                         try:
                             reply = me.verify(_rekey(req, key))
                         except (ModelError, ValueError) as exc:
-                            conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc)))
+                            conn.send(
+                                MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc))
+                            )
                             return
                     conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
                 elif kind == MsgType.END:
@@ -118,10 +121,8 @@ class WorkerService:
         except WireError as exc:
             log.warning("connection %d from %s: %s", cid, peer, exc)
             code = ErrorCode.TOO_LARGE if "exceeds the cap" in str(exc) else ErrorCode.MALFORMED
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(MsgType.ERROR, wire.encode_error(code, str(exc)))
-            except OSError:
-                pass
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.info("connection %d from %s ended: %s", cid, peer, exc)
         finally:
@@ -147,7 +148,9 @@ class _Server(socketserver.ThreadingTCPServer):
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: _Server = self.server  # type: ignore[assignment]
-        server.service.serve_connection(self.request, f"{self.client_address[0]}:{self.client_address[1]}")
+        server.service.serve_connection(
+            self.request, f"{self.client_address[0]}:{self.client_address[1]}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,24 +159,47 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--model", required=True,
-                    help="target model: bundle name (see `python -m specfed.bundle list`), "
-                    "HF folder, .gguf file or hub id")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="target model: bundle name (see `python -m specfed.bundle list`), "
+        "HF folder, .gguf file or hub id",
+    )
     ap.add_argument("--listen", default="127.0.0.1:7100", help="HOST:PORT to listen on")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
-                    help="weight dtype; softmax and codecs stay fp32")
-    ap.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME,
-                    help="largest frame accepted, bytes (default: %(default)s)")
-    ap.add_argument("--idle-timeout", type=float, default=900.0,
-                    help="close a connection silent for this long, s (default: %(default)s)")
-    ap.add_argument("--exit-after", type=int, default=None, metavar="N",
-                    help="fault injection: die abruptly on the (N+1)-th VERIFY, as a crashed "
-                    "worker would (for worker-loss experiments)")
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["fp32", "bf16"],
+        help="weight dtype; softmax and codecs stay fp32",
+    )
+    ap.add_argument(
+        "--max-frame",
+        type=int,
+        default=wire.DEFAULT_MAX_FRAME,
+        help="largest frame accepted, bytes (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=900.0,
+        help="close a connection silent for this long, s (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--exit-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fault injection: die abruptly on the (N+1)-th VERIFY, as a crashed "
+        "worker would (for worker-loss experiments)",
+    )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         host, port = parse_addr(args.listen, "--listen")
     except ValueError as exc:

@@ -72,8 +72,9 @@ def _expected(tiny_family, temperature=1.0):
     """Exact mixture p for the first token and the joint of the first two tokens."""
     _, w1, w2 = tiny_family
     p1 = mixture([w1, w2], WEIGHTS, CONTEXT, temperature)
-    joint = np.stack([p1[a] * mixture([w1, w2], WEIGHTS, [*CONTEXT, a], temperature)
-                      for a in range(8)])
+    joint = np.stack(
+        [p1[a] * mixture([w1, w2], WEIGHTS, [*CONTEXT, a], temperature) for a in range(8)]
+    )
     return p1, joint
 
 
@@ -125,8 +126,9 @@ def test_draft_and_target_actually_differ(tiny_family):
 @pytest.mark.parametrize("reconstruction", ["renormalize", "residual-mass", "draft-guided"])
 def test_topk_with_k_equal_v_is_full(tiny_family, reconstruction):
     full = make_generator(tiny_family, 3, reconstruction=reconstruction)
-    topk = make_generator(tiny_family, 3, reconstruction=reconstruction,
-                          transmissions=Transmission("topk", k=8))
+    topk = make_generator(
+        tiny_family, 3, reconstruction=reconstruction, transmissions=Transmission("topk", k=8)
+    )
     for seed in range(10):
         a = full.generate(CONTEXT, 12, seed=seed)
         b = topk.generate(CONTEXT, 12, seed=seed)
@@ -142,7 +144,7 @@ def test_same_seed_same_output_and_records(tiny_family):
     assert len(rows) == 2 * len(a.rounds)
     for r in rows:
         assert r["bytes_up"] > 0 and 0 <= r["eps_mean"] <= 1
-        assert r["n_emitted"] == min(r["n_accepted"] + 1, 10)  or r["round"] == len(a.rounds) - 1
+        assert r["n_emitted"] == min(r["n_accepted"] + 1, 10) or r["round"] == len(a.rounds) - 1
         assert r["local_l1"] == pytest.approx(2 * r["eps_mean"])  # Lemma 1, renormalize
     s = a.summary()
     assert s["new_tokens"] == 10 and s["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
@@ -151,8 +153,9 @@ def test_same_seed_same_output_and_records(tiny_family):
 def test_gamma_zero_is_autoregressive(tiny_family):
     """gamma = 0 needs no draft and samples each token from the mixture."""
     _, w1, w2 = tiny_family
-    gen = FederatedGenerator(None, [LocalWorker("w1", w1), LocalWorker("w2", w2)], WEIGHTS,
-                             gamma=0, temperature=0)
+    gen = FederatedGenerator(
+        None, [LocalWorker("w1", w1), LocalWorker("w2", w2)], WEIGHTS, gamma=0, temperature=0
+    )
     res = gen.generate(CONTEXT, 5, seed=0)
     assert [r.n_drafted for r in res.rounds] == [0] * 5
     ctx = list(CONTEXT)
@@ -188,6 +191,7 @@ def test_bad_arguments_are_clear(tiny_family):
 
 def test_probabilities_temperature():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
-    np.testing.assert_allclose(probabilities(logits, 0.5)[0],
-                               torch.softmax(logits[0] * 2, -1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        probabilities(logits, 0.5)[0], torch.softmax(logits[0] * 2, -1).numpy(), rtol=1e-6
+    )
     np.testing.assert_allclose(probabilities(logits, 0)[0], probabilities(logits, 1)[0])

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,40 +26,10 @@ from specfed.engine import (
 from specfed.models import ModelError, load_model, make_tiny_model
 from specfed.records import REQUEST_COLUMNS, ROUND_COLUMNS
 from specfed.wire import MsgType
+from tests.procs import WorkerProc
 
 V = 32
 CONTEXT = [3, 1, 4, 1, 5]
-
-
-class WorkerProc:
-    """A `python -m specfed.worker` subprocess on 127.0.0.1 with an OS-chosen port."""
-
-    def __init__(self, model_dir: Path, log: Path, *extra: str) -> None:
-        self.log = log
-        self.fh = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specfed.worker", "--model", str(model_dir),
-             "--listen", "127.0.0.1:0", "--threads", "1", "--dtype", "fp32", *extra],
-            stdout=subprocess.PIPE, stderr=self.fh, text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the ready line (bounded by the test timeout)
-        if "ready on" not in line:
-            self.stop()
-            raise RuntimeError(f"worker did not start: {line!r}\n{log.read_text()}")
-        self.port = int(line.split("ready on ")[1].split()[0].rsplit(":", 1)[1])
-        self.addr = ("127.0.0.1", self.port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.fh.close()
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +74,16 @@ CASES = [
 
 @pytest.mark.parametrize(("transmission", "reconstruction"), CASES)
 def test_tcp_tokens_equal_in_process(workers, local, transmission, reconstruction):
-    kw = dict(weights=(0.4, 0.6), transmissions=transmission, reconstruction=reconstruction,
-              gamma=3, temperature=1.0)
-    inproc = FederatedGenerator(local["draft"], [LocalWorker("w1", local["w1"]),
-                                                 LocalWorker("w2", local["w2"])], **kw)
+    kw = dict(
+        weights=(0.4, 0.6),
+        transmissions=transmission,
+        reconstruction=reconstruction,
+        gamma=3,
+        temperature=1.0,
+    )
+    inproc = FederatedGenerator(
+        local["draft"], [LocalWorker("w1", local["w1"]), LocalWorker("w2", local["w2"])], **kw
+    )
     clients = remote(workers, local["draft"])
     try:
         tcp = FederatedGenerator(local["draft"], clients, parallel=True, **kw)
@@ -127,8 +102,9 @@ def test_bytes_on_the_wire_match_the_formula(workers, local):
     agree with the records (plus the END frame)."""
     clients = remote(workers, local["draft"])
     try:
-        gen = FederatedGenerator(local["draft"], clients, transmissions=Transmission("topk", k=5),
-                                 gamma=3, parallel=True)
+        gen = FederatedGenerator(
+            local["draft"], clients, transmissions=Transmission("topk", k=5), gamma=3, parallel=True
+        )
         sent0 = [c.conn.bytes_sent for c in clients]
         recv0 = [c.conn.bytes_received for c in clients]
         res = gen.generate(CONTEXT, 12, seed=1, request_id="bytes-test")
@@ -166,25 +142,27 @@ def _read_frame(sock):
     return conn.recv(time.monotonic() + 5)
 
 
-@pytest.mark.parametrize("garbage", [
-    b"GET / HTTP/1.1\r\n\r\n",                                 # not our magic
-    struct.pack(">I4sBBH", 8, b"SPFD", 99, 1, 0),              # wrong version
-    struct.pack(">I4sBBH", 8, b"SPFD", 1, 77, 0),              # unknown type
-    struct.pack(">I4sBBH", 0x7FFFFFF0, b"SPFD", 1, 1, 0),      # 2 GB frame: refused unread
-    wire.frame(MsgType.HELLO, b"\x01\x02"),                   # truncated body
-    wire.frame(MsgType.VERIFY, b""),                          # VERIFY before HELLO
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",  # not our magic
+        struct.pack(">I4sBBH", 8, b"SPFD", 99, 1, 0),  # wrong version
+        struct.pack(">I4sBBH", 8, b"SPFD", 1, 77, 0),  # unknown type
+        struct.pack(">I4sBBH", 0x7FFFFFF0, b"SPFD", 1, 1, 0),  # 2 GB frame: refused unread
+        wire.frame(MsgType.HELLO, b"\x01\x02"),  # truncated body
+        wire.frame(MsgType.VERIFY, b""),  # VERIFY before HELLO
+    ],
+)
 def test_bad_frames_get_an_error_and_the_worker_keeps_serving(workers, local, garbage):
     s = _raw(workers[0].addr)
     s.sendall(garbage)
     kind, body, _ = _read_frame(s)
     assert kind == MsgType.ERROR
-    code, msg = wire.decode_error(body)
+    _code, msg = wire.decode_error(body)
     assert msg
-    try:  # then the worker closes the connection (RST if our garbage is still unread)
+    # then the worker closes the connection (RST if our garbage is still unread)
+    with contextlib.suppress(ConnectionResetError):
         assert s.recv(1) == b""
-    except ConnectionResetError:
-        pass
     s.close()
     # and still serves a good client
     c = RemoteWorker("w1", workers[0].addr, local["draft"])
@@ -209,10 +187,13 @@ def test_worker_killed_mid_request_fail_and_continue(models, local, tmp_path):
         dying = WorkerProc(models["w2"], tmp_path / f"dying-{policy}.log", "--exit-after", "3")
         steady = WorkerProc(models["w1"], tmp_path / f"steady-{policy}.log")
         try:
-            clients = [RemoteWorker("w1", steady.addr, local["draft"], read_timeout_s=10),
-                       RemoteWorker("w2", dying.addr, local["draft"], read_timeout_s=10)]
-            gen = FederatedGenerator(local["draft"], clients, (0.25, 0.75), gamma=2,
-                                     parallel=True, on_worker_loss=policy)
+            clients = [
+                RemoteWorker("w1", steady.addr, local["draft"], read_timeout_s=10),
+                RemoteWorker("w2", dying.addr, local["draft"], read_timeout_s=10),
+            ]
+            gen = FederatedGenerator(
+                local["draft"], clients, (0.25, 0.75), gamma=2, parallel=True, on_worker_loss=policy
+            )
             kept = []
             if policy == "fail":
                 with pytest.raises(WorkerLost, match="w2"):
@@ -240,12 +221,43 @@ def test_server_cli_sweep_records_and_summary(workers, models, tmp_path):
     out = tmp_path / "run"
     addrs = ",".join(f"127.0.0.1:{p.port}" for p in workers)
     proc = subprocess.run(
-        [sys.executable, "-m", "specfed.server", "--draft", str(models["draft"]),
-         "--workers", addrs, "--weights", "0.5,0.5", "--transmission", "full,topk",
-         "--k", "4,8", "--reconstruction", "renormalize,draft-guided", "--gamma", "3",
-         "--prompts", "ids:1,2,3", "--max-new-tokens", "10", "--seed", "5", "--dtype", "fp32",
-         "--out", str(out), "--tag", "w1_bw_mbit=20", "--threads", "1"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "specfed.server",
+            "--draft",
+            str(models["draft"]),
+            "--workers",
+            addrs,
+            "--weights",
+            "0.5,0.5",
+            "--transmission",
+            "full,topk",
+            "--k",
+            "4,8",
+            "--reconstruction",
+            "renormalize,draft-guided",
+            "--gamma",
+            "3",
+            "--prompts",
+            "ids:1,2,3",
+            "--max-new-tokens",
+            "10",
+            "--seed",
+            "5",
+            "--dtype",
+            "fp32",
+            "--out",
+            str(out),
+            "--tag",
+            "w1_bw_mbit=20",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     rounds, requests = _read_csv(out / "rounds.csv"), _read_csv(out / "requests.csv")
@@ -265,11 +277,30 @@ def test_server_cli_keeps_records_when_a_worker_dies(models, tmp_path):
     out = tmp_path / "run"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "specfed.server", "--draft", str(models["draft"]),
-             "--workers", f"127.0.0.1:{steady.port},127.0.0.1:{dying.port}", "--gamma", "2",
-             "--prompts", "ids:1,2,3", "--max-new-tokens", "40", "--dtype", "fp32",
-             "--read-timeout", "10", "--out", str(out)],
-            capture_output=True, text=True, timeout=180,
+            [
+                sys.executable,
+                "-m",
+                "specfed.server",
+                "--draft",
+                str(models["draft"]),
+                "--workers",
+                f"127.0.0.1:{steady.port},127.0.0.1:{dying.port}",
+                "--gamma",
+                "2",
+                "--prompts",
+                "ids:1,2,3",
+                "--max-new-tokens",
+                "40",
+                "--dtype",
+                "fp32",
+                "--read-timeout",
+                "10",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
     finally:
         dying.stop()
