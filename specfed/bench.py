@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,7 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
                 log(f"round {mode} k={k} {rec} N={n}: {t['median_ms']:.2f} ms")
     encode = []
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
-        codec = make_codec(mode, k=k)
-        t = _time_ms(lambda codec=codec: codec.encode(ps[0]), reps)
+        t = _time_ms(partial(make_codec(mode, k=k).encode, ps[0]), reps)
         encode.append({"transmission": mode, "k": k, "positions": gamma + 1, **t})
     key = {
         (r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
@@ -180,7 +180,7 @@ def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
         m.generation_config.pad_token_id = target.tokenizer.eos_token_id
     prompts = _prompt_ids(target, args.prompts)
     n = args.max_new_tokens
-    no_eos = frozenset()
+    no_eos: frozenset[int] = frozenset()
     ours = FederatedGenerator(
         draft, [LocalWorker("w1", target)], gamma=args.gamma, temperature=0, measure_fidelity=False
     )
@@ -231,51 +231,80 @@ def bench_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
-    """fp32 vs bf16 weights for the draft and the verifier: speed, memory, outputs."""
+def _dtype_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One model at one dtype, alone in this process (so peak RSS is its own)."""
+    import resource
+
     from specfed.engine import FederatedGenerator, LocalWorker
     from specfed.models import KVSession, load_model
 
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    import gc
+
+    gc.collect()
+    rss_loaded = psutil.Process().memory_info().rss / 2**30
+    prompts = _prompt_ids(lm, args.prompts)
+    s = KVSession(lm)
+    s.sync(prompts[0], 1)
+    start = len(s.tokens)  # verify-shaped pass: 5 new tokens (gamma = 4) on a prefix
+    t_verify = _time_ms(partial(s.forward, start, prompts[0][:5], 5), 5)
+    t_step = _time_ms(partial(s.forward, start, prompts[0][:1], 1), 5)
+    gen = FederatedGenerator(
+        None, [LocalWorker("w", lm)], gamma=0, temperature=0, measure_fidelity=False
+    )
+    t0 = time.perf_counter()
+    outs = [
+        gen.generate(ids, args.max_new_tokens, 0, eos_token_ids=frozenset()).tokens
+        for ids in prompts
+    ]
+    tok_s = sum(map(len, outs)) / (time.perf_counter() - t0)
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "load_s": load_s,
+        "decode_tokens_per_s": tok_s,
+        "verify_5_tokens_ms": t_verify["median_ms"],
+        "one_token_step_ms": t_step["median_ms"],
+        "rss_after_load_gib": rss_loaded,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tokens": outs,
+    }
+
+
+def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 vs bf16 weights for the draft and the verifier: speed, memory, greedy outputs.
+
+    Each (model, dtype) runs in a fresh subprocess so that its peak RSS is its own."""
+    import subprocess
+
     rows: list[dict[str, Any]] = []
-    greedy: dict[str, dict[str, list[list[int]]]] = {}
     for spec in (args.draft, args.target):
         for dtype in ("fp32", "bf16"):
-            mem = PeakRSS()
-            with mem.measure():
-                lm = load_model(spec, dtype=dtype)
-                prompts = _prompt_ids(lm, args.prompts)
-                s = KVSession(lm)
-                s.sync(prompts[0], 1)
-                # verify-shaped forward: gamma + 1 new tokens on a committed prefix
-                start = len(s.tokens)
-                verify_ids, step_ids = prompts[0][:5], prompts[0][:1]
-                t_verify = _time_ms(lambda s=s, a=start, t=verify_ids: s.forward(a, t, 5), 5)
-                t_step = _time_ms(lambda s=s, a=start, t=step_ids: s.forward(a, t, 1), 5)
-                gen = FederatedGenerator(
-                    None, [LocalWorker("w", lm)], gamma=0, temperature=0, measure_fidelity=False
-                )
-                t0 = time.perf_counter()
-                outs = [
-                    gen.generate(ids, args.max_new_tokens, 0, eos_token_ids=frozenset()).tokens
-                    for ids in prompts
-                ]
-                tok_s = sum(map(len, outs)) / (time.perf_counter() - t0)
-            greedy.setdefault(spec, {})[dtype] = outs
-            rows.append(
-                {
-                    "model": spec,
-                    "dtype": dtype,
-                    "decode_tokens_per_s": tok_s,
-                    "verify_5_tokens_ms": t_verify["median_ms"],
-                    "one_token_step_ms": t_step["median_ms"],
-                    "peak_rss_gib": mem.peak_gib,
-                }
-            )
-            log(json.dumps(rows[-1]))
-            del lm, gen, s
+            cmd = [
+                sys.executable,
+                "-m",
+                "specfed.bench",
+                "dtype-one",
+                "--model",
+                spec,
+                "--dtype",
+                dtype,
+                "--prompts",
+                args.prompts,
+                "--threads",
+                str(args.threads),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout))
+            log(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}))
     same = {}
-    for spec, by in greedy.items():
+    for spec in (args.draft, args.target):
+        by = {r["dtype"]: r["tokens"] for r in rows if r["model"] == spec}
         firsts = []
         for a, b in zip(by["fp32"], by["bf16"], strict=True):
             diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
@@ -284,6 +313,8 @@ def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
             "identical_prompts": sum(f is None for f in firsts) / len(firsts),
             "first_divergence_positions": firsts,
         }
+    for r in rows:
+        r.pop("tokens")
     return {
         "benchmark": "dtype",
         "threads": args.threads,
@@ -415,7 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
         if name == "vs-hf":
             p.add_argument("--gamma", type=int, default=4)
-            p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+            p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    one = sub.add_parser("dtype-one", help="(internal) one model at one dtype, for `dtype`")
+    one.add_argument("--model", required=True)
+    one.add_argument("--dtype", required=True, choices=["fp32", "bf16"])
+    one.add_argument("--prompts", default="humaneval[:4]")
+    one.add_argument("--max-new-tokens", type=int, default=32)
+    one.add_argument("--threads", type=int, default=torch.get_num_threads())
     lb = sub.add_parser("loopback")
     lb.add_argument("--workers", default="qwen2.5-coder-1.5b,qwen2.5-coder-0.5b")
     lb.add_argument("--draft", default="qwen2.5-coder-0.5b")
@@ -427,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.which == "loopback":
         out = bench_loopback(args)
+    elif args.which == "dtype-one":
+        out = _dtype_one(args)
     elif args.which == "round":
         out = bench_round(args.reps, args.threads)
     elif args.which == "vs-hf":

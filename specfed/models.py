@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,14 @@ def _label(x: HasVocabulary) -> str:
     return repr(x.name) if model == x.name else f"worker {x.name!r} (model {model!r})"
 
 
+#: Names of tiny random-weight test models, built in memory from their seed: "tiny-v8192-s1"
+#: has V = 8192 and seed 1. Deterministic, so processes that load one name get one model.
+TINY_NAME = re.compile(r"tiny-v(?P<v>\d+)-s(?P<s>\d+)")
+
+
 def load_model(spec: str, dtype: str = "fp32") -> LoadedModel:
-    """Load a causal LM from a bundle name, a local HF folder, a .gguf file or a hub id.
+    """Load a causal LM from a bundle name, a local HF folder, a .gguf file or a hub id
+    (or a tiny test model by name, see TINY_NAME).
 
     Bundle names and .gguf files are converted once into a plain HF folder in the cache
     (see specfed.bundle); hub ids need network access and are meant for users who are online.
@@ -118,6 +125,11 @@ def load_model(spec: str, dtype: str = "fp32") -> LoadedModel:
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} for model {spec!r}; use one of {list(DTYPES)}")
+    if tiny := TINY_NAME.fullmatch(spec):
+        lm = make_tiny_model(vocab_size=int(tiny["v"]), seed=int(tiny["s"]))
+        lm.model.to(DTYPES[dtype])
+        lm.name = spec
+        return lm
     source = resolve_model_path(spec)
     where = str(source.path) if source.path is not None else spec
     try:

@@ -57,13 +57,17 @@ log = logging.getLogger("specfed.server")
 
 @dataclass(frozen=True)
 class Point:
-    """One combination of per-request options."""
+    """One combination of per-request options, with its ids in the records."""
 
     transmission: str
     k: int | None
     reconstruction: str
     gamma: int
     temperature: float
+    point: int = 0
+    rep: int = 0
+    epsilon: float | None = None
+    value_dtype: str | None = None
 
     @property
     def label(self) -> str:
@@ -96,12 +100,52 @@ def expand_points(args: argparse.Namespace) -> list[Point]:
         raise ValueError("--k is needed for topk (K) and adaptive (cap on K)")
     gammas = _list(args.gamma, int, "--gamma")
     temps = _list(args.temperature, float, "--temperature")
-    points: list[Point] = []
+    combos: list[tuple[str, int | None, str, int, float]] = []
     for mode, gamma, temp in itertools.product(modes, gammas, temps):
         if mode == "full":
-            points.append(Point(mode, None, "none", gamma, temp))
+            combos.append((mode, None, "none", gamma, temp))
         else:
-            points += [Point(mode, k, r, gamma, temp) for k, r in itertools.product(ks, recs)]
+            combos += [(mode, k, r, gamma, temp) for k, r in itertools.product(ks, recs)]
+    return [Point(*c, point=i + args.point_offset, rep=args.rep) for i, c in enumerate(combos)]
+
+
+POINT_FIELDS = {
+    "transmission",
+    "k",
+    "reconstruction",
+    "gamma",
+    "temperature",
+    "point",
+    "rep",
+    "epsilon",
+    "value_dtype",
+}
+
+
+def read_points_file(path: Path) -> list[Point]:
+    """Points from a JSON list of objects with the fields of Point (the testbed writes it)."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--points-file {path}: {exc}") from exc
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--points-file {path}: expected a non-empty JSON list")
+    points = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - POINT_FIELDS:
+            raise ValueError(
+                f"--points-file {path}: entry {n}: expected an object with "
+                f"fields from {sorted(POINT_FIELDS)}"
+            )
+        try:
+            p = Point(**{"k": None, "reconstruction": "renormalize", **item})
+        except TypeError as exc:
+            raise ValueError(f"--points-file {path}: entry {n}: {exc}") from exc
+        if p.transmission not in TRANSMISSIONS or (
+            p.reconstruction not in (*RECONSTRUCTIONS, "none")
+        ):
+            raise ValueError(f"--points-file {path}: entry {n}: bad transmission or reconstruction")
+        points.append(p)
     return points
 
 
@@ -159,6 +203,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rep", type=int, default=0, help="repetition number column")
     ap.add_argument("--point-offset", type=int, default=0, help="added to the point column")
     ap.add_argument(
+        "--points-file",
+        type=Path,
+        default=None,
+        help="JSON list of points (transmission, k, reconstruction, gamma, temperature, "
+        "point, rep, epsilon, value_dtype) run in that order; replaces the comma-separated "
+        "per-request options above",
+    )
+    ap.add_argument(
         "--tag",
         action="append",
         default=[],
@@ -203,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        points = expand_points(args)
+        points = read_points_file(args.points_file) if args.points_file else expand_points(args)
         tags = _tags(args.tag)
         addrs = [parse_addr(a, "--workers entry") for a in args.workers.split(",")]
         names = (
@@ -277,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             transmissions=Transmission(
                 point.transmission,
                 k=point.k,
-                value_dtype=args.value_dtype,
-                epsilon=args.epsilon if point.transmission == "adaptive" else None,
+                value_dtype=point.value_dtype or args.value_dtype,
+                epsilon=(point.epsilon or args.epsilon)
+                if point.transmission == "adaptive"
+                else None,
             ),
             reconstruction="renormalize"
             if point.reconstruction == "none"
@@ -291,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         keys = {
             "run_id": run_id,
-            "point": pi + args.point_offset,
-            "rep": args.rep,
+            "point": point.point,
+            "rep": point.rep,
             "transmission": point.transmission,
             "k": point.k,
             "reconstruction": point.reconstruction,
@@ -300,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": point.temperature,
         }
         for i, prompt in enumerate(prompts):
-            rid = f"{run_id}-p{pi}-{i}"
+            rid = f"{run_id}-p{point.point}r{point.rep}-{i}"
             ids = list(prompt.token_ids) if prompt.token_ids else draft.encode(prompt.text or "")
             req_keys = {**keys, "request_id": rid, "prompt_id": prompt.id}
 

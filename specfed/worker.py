@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bound = server.server_address
+    bound_host, bound_port = server.server_address[:2]
     print(
-        f"specfed.worker ready on {bound[0]}:{bound[1]} model={args.model} dtype={args.dtype} "
-        f"V={lm.vocab_size} fingerprint={lm.fingerprint} pid={os.getpid()} "
+        f"specfed.worker ready on {bound_host!s}:{bound_port} model={args.model} "
+        f"dtype={args.dtype} V={lm.vocab_size} fingerprint={lm.fingerprint} pid={os.getpid()} "
         f"load_s={time.perf_counter() - t0:.1f}",
         flush=True,
     )

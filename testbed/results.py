@@ -1,0 +1,43 @@
+"""Read a run folder's tables; the summary table `testbed run` prints at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+KEYS = ["transmission", "k", "reconstruction", "gamma", "temperature"]
+
+
+def load_requests(run_dir: Path) -> pd.DataFrame:
+    """The requests table of a run (empty frame if none was written)."""
+    path = Path(run_dir) / "requests.csv"
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+def summary_table(run_dir: Path) -> str:
+    """Mean over prompts and repetitions per per-request configuration and link setting."""
+    df = load_requests(run_dir)
+    if df.empty:
+        return "(no request finished)"
+    ok = df[df["status"] == "ok"]
+    link_cols = [
+        c for c in df.columns if c.endswith(("_bw_mbit", "_delay_ms")) and ok[c].nunique() > 1
+    ]
+    by = [c for c in KEYS if c in ok] + link_cols
+    table = (
+        ok.groupby(by, dropna=False, sort=False)
+        .agg(
+            requests=("request_id", "count"),
+            ms_per_token=("ms_per_token", "mean"),
+            ttft_ms=("ttft_ms", "mean"),
+            acceptance=("acceptance", "mean"),
+            tokens_per_round=("tokens_per_round", "mean"),
+            bytes_per_token=("bytes_per_token", "mean"),
+        )
+        .reset_index()
+    )
+    failed = len(df) - len(ok)
+    text = tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github", showindex=False)
+    return text + (f"\n{failed} request(s) failed: see events.jsonl" if failed else "")
