@@ -170,7 +170,7 @@ class _Checker:
             if extra:
                 self.fail(
                     f"{path}.{extra[0]}" if path else extra[0],
-                    f"unknown field; expected one of: {', '.join(allowed)}",
+                    f"unknown field; expected one of {', '.join(allowed)}",
                 )
         return dict(value)
 

@@ -1,0 +1,159 @@
+"""Scenario files: field-level errors, overrides, sweep expansion, link mapping (no root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from testbed.scenario import ScenarioError, check_file, expand, link_options, load_scenario
+
+BASE = {
+    "name": "t",
+    "topology": {"name": "star", "params": {"n_workers": 2}},
+    "links": {"default": {"bw_mbit": 100, "delay_ms": 1}, "w1": {"bw_mbit": 5}},
+    "models": {"draft": "tiny-v64-s1", "workers": {"w1": "tiny-v64-s2", "w2": "tiny-v64-s3"}},
+    "decoding": {"prompts": "ids:1,2,3"},
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def with_(path: str, value) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("decoding.gamma", -1, r"decoding\.gamma: must be >= 0"),
+        ("decoding.gamma", "four", r"decoding\.gamma: expected an integer, got 'four'"),
+        ("transmission.mode", "zip", r"transmission\.mode: expected one of full, topk, adaptive"),
+        ("transmission.mode", "topk", r"transmission\.k: topk transmission needs k"),
+        ("links.w1.loss_pct", 150, r"links\.w1\.loss_pct: must be <= 100"),
+        ("links.w1.delay", 5, r"links\.w1\.delay: unknown field; expected one of bw_mbit"),
+        ("links.w2.up.bw_mbit", "fast", r"links\.w2\.up\.bw_mbit: expected a number"),
+        ("models.weights", {"w1": 0.7, "w2": 0.7}, r"models\.weights: must sum to 1"),
+        ("models.workers", {}, r"models\.workers: needs at least one worker"),
+        ("sweep.k", 64, r"sweep\.k: expected a non-empty list"),
+        ("sweep.bogus", [1], r"sweep\.bogus: not a scenario field"),
+        ("network.backend", "ovs", r"network\.backend: expected one of auto, tc, tap"),
+        ("colour", "red", r"colour: unknown field"),
+    ],
+)
+def test_field_level_errors_name_file_and_field(tmp_path, path, value, match):
+    p = write(tmp_path, with_(path, value))
+    with pytest.raises(ScenarioError, match=match) as info:
+        load_scenario(p)
+    assert str(info.value).startswith(str(p))
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nlinks: {default: [\n")
+    with pytest.raises(ScenarioError, match=r"bad\.yaml: line \d+, column \d+: not valid YAML"):
+        load_scenario(p)
+    with pytest.raises(ScenarioError, match="empty"):
+        load_scenario(write(tmp_path, None, "empty.yaml"))  # type: ignore[arg-type]
+    with pytest.raises(ScenarioError, match="name: missing"):
+        load_scenario(write(tmp_path, {"models": BASE["models"]}, "noname.yaml"))
+
+
+def test_check_file_catches_topology_and_host_mistakes(tmp_path):
+    r = check_file(write(tmp_path, with_("links.w9", {"bw_mbit": 1})))
+    assert not r.ok and "links.w9: no such host or link in topology star" in r.message
+    r = check_file(write(tmp_path, with_("models.workers", {"w1": "x", "w7": "y"}), "b.yaml"))
+    assert not r.ok and "models.workers.w7: not a worker host" in r.message
+    r = check_file(write(tmp_path, with_("topology.name", "ring"), "c.yaml"))
+    assert not r.ok and "unknown topology 'ring'" in r.message
+    r = check_file(write(tmp_path, with_("decoding.prompts", "humaneval[300:]"), "d.yaml"))
+    assert not r.ok and "decoding.prompts" in r.message
+    assert check_file(write(tmp_path, BASE, "ok.yaml")).ok
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, BASE)
+    sc = load_scenario(p, ["decoding.gamma=6", "links.w2.delay_ms=20", "k=32", "transmission=topk"])
+    assert sc.get("decoding.gamma") == 6 and sc.get("links.w2.delay_ms") == 20
+    assert sc.get("transmission.k") == 32 and sc.get("transmission.mode") == "topk"
+    with pytest.raises(ScenarioError, match=r"--set 'gamma': expected PATH=VALUE"):
+        load_scenario(p, ["gamma"])
+    with pytest.raises(ScenarioError, match=r"decoding\.gamma: expected an integer"):
+        load_scenario(p, ["gamma=lots"])
+
+
+def test_sweep_expansion_groups_by_network(tmp_path):
+    data = with_(
+        "sweep",
+        {
+            "transmission": ["full", "topk"],
+            "k": [16, 64],
+            "reconstruction": ["renormalize", "draft-guided"],
+            "links.w1.bw_mbit": [5, 50],
+        },
+    )
+    sc = load_scenario(write(tmp_path, {**data, "repetitions": 2}))
+    points = expand(sc)
+    # full ignores k and reconstruction: 1 + 2*2 per bandwidth, x 2 bandwidths, x 2 reps
+    assert len(points) == (1 + 4) * 2 * 2
+    assert len({p.index for p in points}) == 10
+    groups = []
+    for p in points:
+        if not groups or groups[-1] != (p.rep, p.infra_key):
+            groups.append((p.rep, p.infra_key))
+    assert len(groups) == 4  # 2 bandwidths x 2 repetitions, each contiguous
+    full = [p for p in points if p.values.get("transmission.mode") == "full"]
+    assert all(p.scenario.get("transmission.k") is None for p in full)
+
+
+def test_random_order_is_seeded_and_keeps_groups(tmp_path):
+    data = {
+        **with_("sweep", {"k": [1, 2, 3, 4], "links.w1.bw_mbit": [5, 50]}),
+        "random_order": True,
+        "repetitions": 3,
+        "seed": 3,
+    }
+    data["transmission"] = {"mode": "topk", "k": 1}
+    sc = load_scenario(write(tmp_path, data))
+    a, b = expand(sc), expand(sc)
+    assert [(p.index, p.rep) for p in a] == [(p.index, p.rep) for p in b]
+    orders = {tuple(p.index for p in a if p.rep == r) for r in range(3)}
+    assert len(orders) > 1  # shuffled differently per repetition
+
+
+def test_link_options_map_units_and_directions(tmp_path):
+    data = with_(
+        "links.w2", {"delay_ms": 20, "up": {"bw_mbit": 10}, "down": {"bw_mbit": 50}, "loss_pct": 1}
+    )
+    sc = load_scenario(write(tmp_path, data))
+    default, per = link_options(
+        sc, ["srv", "w1", "w2"], [("srv", "s1"), ("w1", "s1"), ("w2", "s1")]
+    )
+    assert default == {"bw": 100.0, "delay": "1ms"}
+    assert per["w1"] == {"bw": 5.0, "delay": "1ms"}
+    assert per["w2"] == {
+        "bw": 100.0,
+        "delay": "20ms",
+        "loss": 1.0,
+        "up": {"bw": 10.0},
+        "down": {"bw": 50.0},
+    }
+
+
+def test_every_shipped_scenario_validates():
+    files = sorted(Path(__file__).parents[1].glob("scenarios/*.yaml"))
+    assert files
+    for f in files:
+        r = check_file(f)
+        assert r.ok, r.message
