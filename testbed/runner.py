@@ -98,11 +98,13 @@ class Meta:
 
 
 def _link_tags(emu: Any, workers: list[str]) -> dict[str, Any]:
-    """Constant columns for the tables: every worker's access-link parameters (effective,
-    queues included) and the link backend."""
+    """Constant columns for the tables: the access-link parameters (effective, queues
+    included) of every worker and of the server, and the link backend. `up` is host ->
+    switch."""
     tags: dict[str, Any] = {"link_backend": emu.backend}
+    hosts = [*workers, "srv"]
     for (a, b), spec in emu.links.items():
-        host = a if a in workers else b if b in workers else None
+        host = a if a in hosts else b if b in hosts else None
         if host is None:
             continue
         up, down = (spec.up, spec.down) if host == a else (spec.down, spec.up)
