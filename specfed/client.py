@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import replace
+
+import numpy as np
 
 from specfed import wire
 from specfed.engine import VerifyReply, VerifyRequest, WorkerLost
@@ -87,6 +90,23 @@ class RemoteWorker:
             self.close()
             raise
         return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
+
+    def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:
+        """p_i(x_t) of the generated tokens, from the worker (a SCORE exchange)."""
+        try:
+            self.conn.send(
+                MsgType.SCORE, wire.encode_score("score", sequence, n_context, temperature)
+            )
+            kind, body, _ = self.conn.recv(time.monotonic() + self.round_timeout_s)
+            if kind == MsgType.ERROR:
+                code, msg = wire.decode_error(body)
+                raise WorkerLost(self.name, f"worker error {code}: {msg}")
+            if kind != MsgType.SCORE_REPLY:
+                raise WireError(f"expected SCORE_REPLY, got {kind.name}")
+            return wire.decode_score_reply(body)
+        except (OSError, WireError) as exc:
+            self.close()
+            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     def end(self, request_id: str) -> None:
         """Tell the worker to free the request's KV cache (best effort, no reply)."""

@@ -119,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                 ids, args.max_new_tokens, seed=args.seed + i, request_id=f"{label}/{prompt.id}"
             )
             outputs[(label, prompt.id)] = res.tokens
-            requests.append({"config": label, "prompt": prompt.id, **res.summary()})
+            requests.append(
+                {
+                    "config": label,
+                    "prompt": prompt.id,
+                    **res.summary(),
+                    "logp_mean": gen.score(ids, res.tokens),
+                }
+            )
             rounds += [{"config": label, "prompt": prompt.id, **r} for r in res.round_rows()]
             bar.update()
     bar.close()
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         acceptance=("acceptance", "mean"),
         bytes_per_token=("bytes_per_token", "mean"),
         same_as_full=("same_as_full", "mean"),
+        logp_mean=("logp_mean", "mean"),
     )
     lossy = rnd.groupby("config", sort=False).agg(eps=("eps_mean", "mean"), l1=("local_l1", "mean"))
     table = table.join(lossy)

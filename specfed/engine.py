@@ -140,6 +140,10 @@ class WorkerClient(Protocol):
 
     def end(self, request_id: str) -> None: ...
 
+    def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:
+        """p_i(x_t | x_<t) [len(sequence) - n_context] float64 for the generated tokens."""
+        ...
+
 
 def local_l1(p: np.ndarray, payload: Payload, method: str) -> float:
     """Mean over positions of ||p - p_hat||_1 for one worker, from its exact p [P, V].
@@ -185,6 +189,23 @@ class LocalWorker:
 
     def end(self, request_id: str) -> None:
         self.verifier.end(request_id)
+
+    def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:
+        """One forward pass over the whole sequence, on a fresh cache."""
+        return score_sequence(self.lm, sequence, n_context, temperature)
+
+
+def score_sequence(
+    lm: LoadedModel, sequence: Sequence[int], n_context: int, temperature: float
+) -> np.ndarray:
+    """p(x_t | x_<t) at temperature T (T = 0: T = 1) for t >= n_context, float64 [n]."""
+    from specfed.models import KVSession, probabilities
+
+    n = len(sequence) - n_context
+    if n < 1 or n_context < 1:
+        raise ValueError(f"score needs 1 <= n_context < len(sequence), got {n_context}")
+    p = probabilities(KVSession(lm).sync(list(sequence[:-1]), n), temperature)
+    return p[np.arange(n), np.asarray(sequence[n_context:])].astype(np.float64)
 
 
 @dataclass
@@ -277,6 +298,15 @@ class GenerationResult:
         return rows
 
 
+def ensemble_logp(per_worker: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray) -> float:
+    """Mean over tokens of log sum_i w_i p_i(x_t): the log-probability per token of a
+    sequence under the exact federated target p."""
+    p = np.zeros_like(per_worker[0])
+    for w, pi in zip(weights, per_worker, strict=True):
+        p += w * pi
+    return float(np.mean(np.log(np.maximum(p, 1e-300))))
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -358,6 +388,19 @@ class FederatedGenerator:
             check_same_vocabulary(reference, wk)
         self.vocab_size = self.workers[0].vocab_size
         self.eos: frozenset[int] = draft.eos_token_ids if draft is not None else frozenset()
+
+    def score(self, prompt: Sequence[int], tokens: Sequence[int]) -> float:
+        """Mean log-probability per generated token under the exact ensemble p (all
+        workers, the original weights), asked of the workers after the request: neither
+        timed nor counted as traffic. NaN if a worker cannot answer."""
+        if not tokens:
+            return math.nan
+        seq = [*prompt, *tokens]
+        try:
+            per = [w.score(seq, len(prompt), self.temperature) for w in self.workers]
+        except WorkerLost:
+            return math.nan
+        return ensemble_logp(per, self.weights)
 
     def _call(self, i: int, request: VerifyRequest) -> tuple[VerifyReply, float]:
         t0 = time.perf_counter()

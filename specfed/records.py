@@ -25,7 +25,7 @@ REQUEST_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "transmission", "k",
     "reconstruction", "gamma", "temperature", "seed", "status", "prompt_tokens", "new_tokens",
     "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance", "tokens_per_round",
-    "bytes_up_total", "bytes_per_token", "events", "tokens",
+    "bytes_up_total", "bytes_per_token", "logp_mean", "events", "tokens",
 )  # fmt: skip
 
 

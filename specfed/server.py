@@ -229,6 +229,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="workers skip measuring ||p_i - p_hat_i||_1 (saves O(V) per position)",
     )
+    ap.add_argument(
+        "--no-score",
+        action="store_true",
+        help="skip the per-request fidelity score (logp_mean: mean log-probability per "
+        "token under the exact ensemble, one extra forward pass per worker after the request)",
+    )
     ap.add_argument("--connect-timeout", type=float, default=10.0, help="s")
     ap.add_argument("--read-timeout", type=float, default=120.0, help="s, per socket read")
     ap.add_argument("--round-timeout", type=float, default=300.0, help="s, per worker round")
@@ -389,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 break
             row = _request_row(res, req_keys, args.seed + i)
+            if not args.no_score:  # after the request: neither timed nor counted as traffic
+                row["logp_mean"] = gen.score(ids, res.tokens)
             requests_t.append(row)
             results.append({**row, "label": point.label})
             for ev in res.events:

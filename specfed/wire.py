@@ -24,6 +24,7 @@ import math
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,8 @@ class MsgType(enum.IntEnum):
     VERIFY_REPLY = 4  # worker -> server: encoded distributions + timing
     END = 5  # server -> worker: a request is over, free its KV cache (no reply)
     ERROR = 6  # either way: code + message; the sender closes the connection after it
+    SCORE = 7  # server -> worker: a finished sequence, for fidelity (not counted as traffic)
+    SCORE_REPLY = 8  # worker -> server: p_i(x_t) of every generated token
 
 
 class ErrorCode(enum.IntEnum):
@@ -232,6 +235,56 @@ def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
 def reply_frame_bytes(payload_bytes: int) -> int:
     """Bytes of one VERIFY_REPLY frame: 12 header + 20 fixed + the codec payload."""
     return FRAME_OVERHEAD + _REPLY.size + payload_bytes
+
+
+_SCORE = struct.Struct("<fII")  # f32 temperature, u32 n_context, u32 n_tokens
+
+
+def encode_score(
+    request_id: str, sequence: Sequence[int], n_context: int, temperature: float
+) -> bytes:
+    """SCORE body: str request_id, f32 T, u32 n_context (prompt length), u32 n, n x u32 ids.
+
+    The worker returns p_i(x_t | x_<t) at temperature T (T = 0: at T = 1) for every token
+    after the first n_context."""
+    return (
+        _string(request_id)
+        + _SCORE.pack(temperature, n_context, len(sequence))
+        + np.asarray(sequence, dtype="<u4").tobytes()
+    )
+
+
+def decode_score(body: bytes, vocab_size: int) -> tuple[str, list[int], int, float]:
+    """Parse a SCORE body: (request_id, sequence, n_context, temperature)."""
+    r = _Reader(body, "SCORE")
+    rid = r.string()
+    temp, n_ctx, n = r.unpack("fII")
+    if n > MAX_TOKENS:
+        raise WireError(f"SCORE: {n} tokens exceeds {MAX_TOKENS}")
+    seq = np.frombuffer(r.take(4 * n), dtype="<u4")
+    r.done()
+    if not 1 <= n_ctx < n:
+        raise WireError(f"SCORE: n_context {n_ctx} must be in [1, {n})")
+    if not (math.isfinite(temp) and temp >= 0):
+        raise WireError(f"SCORE: invalid temperature {temp}")
+    if int(seq.max()) >= vocab_size:
+        raise WireError(f"SCORE: token id {int(seq.max())} >= V={vocab_size}")
+    return rid, seq.tolist(), n_ctx, temp
+
+
+def encode_score_reply(probs: np.ndarray) -> bytes:
+    """SCORE_REPLY body: u32 n, n x f64 probabilities."""
+    return struct.pack("<I", len(probs)) + np.asarray(probs, dtype="<f8").tobytes()
+
+
+def decode_score_reply(body: bytes) -> np.ndarray:
+    r = _Reader(body, "SCORE_REPLY")
+    (n,) = r.unpack("I")
+    probs = np.frombuffer(r.take(8 * n), dtype="<f8").copy()
+    r.done()
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1 + 1e-6).all()):
+        raise WireError("SCORE_REPLY: probabilities outside [0, 1]")
+    return probs
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:

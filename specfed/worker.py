@@ -6,7 +6,9 @@ It loads the model once, then serves any number of connections and requests, one
 per (connection, request). Each connection starts with a HELLO handshake (protocol version,
 vocabulary fingerprint and size); a server whose vocabulary differs is refused with an error
 naming both models. Then each VERIFY frame is answered with one VERIFY_REPLY (the codec's
-bytes + the worker's compute time). Model compute is serialized: one forward pass at a time.
+bytes + the worker's compute time), and a SCORE frame (a finished sequence) with the
+probability of each generated token, for fidelity measurements. Model compute is
+serialized: one forward pass at a time.
 
 A malformed, truncated, oversized or unknown frame gets an ERROR reply where possible and
 its connection is closed; the process keeps serving the others. Protocol: docs/wire-protocol.md.
@@ -107,6 +109,12 @@ class WorkerService:
                             )
                             return
                     conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
+                elif kind == MsgType.SCORE:
+                    rid, seq, n_ctx, temp = wire.decode_score(body, me.vocab_size)
+                    log.debug("score %s: %d tokens", rid, len(seq) - n_ctx)
+                    with self.compute:
+                        probs = me.score(seq, n_ctx, temp)
+                    conn.send(MsgType.SCORE_REPLY, wire.encode_score_reply(probs))
                 elif kind == MsgType.END:
                     key = f"{cid}/{wire.decode_end(body)}"
                     with self.compute:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from specfed import wire
@@ -311,3 +312,31 @@ def test_server_cli_keeps_records_when_a_worker_dies(models, tmp_path):
     req = _read_csv(out / "requests.csv")
     assert req[0]["status"] == "error" and "w2" in req[0]["events"]
     assert "w2" in (out / "events.jsonl").read_text()
+
+
+def test_score_over_tcp_equals_in_process(workers, local):
+    """The fidelity score (log-probability under the exact ensemble) is the same whether
+    the workers are remote or in this process, and matches the mixture computed directly."""
+    from specfed.engine import ensemble_logp, mixture
+
+    kw = dict(weights=(0.4, 0.6), gamma=3, temperature=0.9)
+    inproc = FederatedGenerator(
+        local["draft"], [LocalWorker("w1", local["w1"]), LocalWorker("w2", local["w2"])], **kw
+    )
+    clients = remote(workers, local["draft"])
+    try:
+        tcp = FederatedGenerator(local["draft"], clients, parallel=True, **kw)
+        res = tcp.generate(CONTEXT, 8, seed=4)
+        got = tcp.score(CONTEXT, res.tokens)
+        assert got == pytest.approx(inproc.score(CONTEXT, res.tokens), abs=1e-9)
+        ctx, direct = list(CONTEXT), []
+        for tok in res.tokens:
+            direct.append(mixture([local["w1"], local["w2"]], (0.4, 0.6), ctx, 0.9)[tok])
+            ctx.append(tok)
+        assert got == pytest.approx(float(np.mean(np.log(direct))), abs=1e-5)
+        assert ensemble_logp([np.array([0.5]), np.array([0.1])], [0.5, 0.5]) == pytest.approx(
+            np.log(0.3)
+        )
+    finally:
+        for c in clients:
+            c.close()

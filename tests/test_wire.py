@@ -7,6 +7,7 @@ import math
 import socket
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ DECODERS = [
     wire.decode_reply,
     wire.decode_error,
     wire.decode_end,
+    lambda b: wire.decode_score(b, V),
+    wire.decode_score_reply,
 ]
 
 
@@ -52,6 +55,19 @@ def test_round_trips():
     h = wire.Hello(151936, "abcd", "qwen", "worker")
     assert wire.Hello.decode(h.encode()) == h
     assert wire.decode_error(wire.encode_error(wire.ErrorCode.VOCABULARY, "x")) == (4, "x")
+    assert wire.decode_score(wire.encode_score("r", [5, 6, 7], 1, 0.5), V) == (
+        "r",
+        [5, 6, 7],
+        1,
+        0.5,
+    )
+    np.testing.assert_array_equal(
+        wire.decode_score_reply(wire.encode_score_reply(np.array([0.25, 1.0]))), [0.25, 1.0]
+    )
+    with pytest.raises(WireError, match="n_context"):
+        wire.decode_score(wire.encode_score("r", [5, 6], 2, 1.0), V)
+    with pytest.raises(WireError, match="outside"):
+        wire.decode_score_reply(wire.encode_score_reply(np.array([1.5])))
     kind, body = wire.parse_frame(wire.frame(MsgType.END, wire.encode_end("r1")))
     assert kind == MsgType.END and wire.decode_end(body) == "r1"
 
