@@ -318,17 +318,19 @@ def validate(raw: Any, source: str) -> dict[str, Any]:
         c.number(value, f"timeouts.{key}", 0.1)
     c.choice(data["on_worker_loss"], "on_worker_loss", ["fail", "continue"])
 
-    sweep = c.mapping(data["sweep"], "sweep")
-    for key, values in sweep.items():
-        if not isinstance(values, list) or not values:
-            c.fail(f"sweep.{key}", f"expected a non-empty list of values, got {values!r}")
-        path = SWEEP_SHORTHANDS.get(key, key)
-        if path.split(".")[0] not in DEFAULTS or path.split(".")[0] in ("sweep", "repetitions"):
-            c.fail(
-                f"sweep.{key}",
-                "not a scenario field (use a dotted path such as "
-                "links.w1.bw_mbit, or transmission, k, reconstruction, gamma, temperature)",
-            )
+    blocks = data["sweep"] if isinstance(data["sweep"], list) else [data["sweep"]]
+    for n, block in enumerate(blocks):
+        where = f"sweep[{n}]" if isinstance(data["sweep"], list) else "sweep"
+        for key, values in c.mapping(block, where).items():
+            if not isinstance(values, list) or not values:
+                c.fail(f"{where}.{key}", f"expected a non-empty list of values, got {values!r}")
+            section = SWEEP_SHORTHANDS.get(key, key).split(".")[0]
+            if section not in DEFAULTS or section in ("sweep", "repetitions"):
+                c.fail(
+                    f"{where}.{key}",
+                    "not a scenario field (use a dotted path such as links.w1.bw_mbit, "
+                    "or transmission, k, reconstruction, gamma, temperature)",
+                )
     return data
 
 
@@ -387,12 +389,16 @@ def expand(scenario: Scenario, repetitions: int | None = None) -> list[Point]:
     Full transmission ignores k and reconstruction, so duplicates differing only there
     are dropped.
     """
-    sweep = {SWEEP_SHORTHANDS.get(k, k): v for k, v in scenario["sweep"].items()}
-    keys = list(sweep)
+    raw = scenario["sweep"]
+    combos: list[dict[str, Any]] = []
+    for block in raw if isinstance(raw, list) else [raw]:
+        sweep = {SWEEP_SHORTHANDS.get(k, k): v for k, v in block.items()}
+        combos += [
+            dict(zip(sweep, combo, strict=True)) for combo in itertools.product(*sweep.values())
+        ]
     points: list[Point] = []
     seen: set[str] = set()
-    for combo in itertools.product(*(sweep[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=True))
+    for values in combos:
         data = copy.deepcopy(scenario.data)
         data["sweep"] = {}
         for k, v in values.items():
