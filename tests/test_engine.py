@@ -195,3 +195,15 @@ def test_probabilities_temperature():
         probabilities(logits, 0.5)[0], torch.softmax(logits[0] * 2, -1).numpy(), rtol=1e-6
     )
     np.testing.assert_allclose(probabilities(logits, 0)[0], probabilities(logits, 1)[0])
+
+
+def test_per_worker_k(tiny_family):
+    """Each worker can use its own transmission (per-worker K); records show it."""
+    gen = make_generator(
+        tiny_family, 2, transmissions=[Transmission("topk", k=2), Transmission("full")]
+    )
+    res = gen.generate(CONTEXT, 6, seed=0)
+    for r in res.rounds:
+        w1, w2 = r.workers
+        assert (w1.transmission, w1.k_mean, w2.transmission, w2.k_mean) == ("topk", 2, "full", 8)
+        assert w1.bytes_up < w2.bytes_up and w2.eps_mean < 1e-6 < w1.eps_mean

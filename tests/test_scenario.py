@@ -157,3 +157,39 @@ def test_every_shipped_scenario_validates():
     for f in files:
         r = check_file(f)
         assert r.ok, r.message
+
+
+def test_user_topology_file_and_pair_keys(tmp_path):
+    topo_file = tmp_path / "mytopo.py"
+    topo_file.write_text(
+        "from mininet.topo import Topo\n\n\n"
+        "class Line(Topo):\n"
+        "    def build(self, n_workers=1):\n"
+        "        a, b = self.addSwitch('s1'), self.addSwitch('s2')\n"
+        "        self.addLink(a, b)\n"
+        "        self.addLink(self.addHost('srv'), a)\n"
+        "        for i in range(1, n_workers + 1):\n"
+        "            self.addLink(self.addHost(f'w{i}'), b)\n\n\n"
+        "topos = {'line': Line}\n"
+    )
+    data = with_("topology", {"file": str(topo_file), "name": "line", "params": {"n_workers": 2}})
+    data["links"]["s1-s2"] = {"bw_mbit": 7, "delay_ms": 30}
+    p = write(tmp_path, data)
+    assert check_file(p).ok, check_file(p).message
+    from topologies import load_topology
+
+    topo = load_topology("line", topo_file)(n_workers=2)
+    _, per = link_options(load_scenario(p), topo.hosts(), topo.links())
+    assert per[("s1", "s2")] == {"bw": 7.0, "delay": "30ms"}
+    bad = write(tmp_path, with_("topology", {"file": str(topo_file), "name": "ring"}), "b.yaml")
+    assert "unknown topology 'ring'" in check_file(bad).message
+
+
+def test_two_tier_uplink_keys(tmp_path):
+    sc = load_scenario(Path(__file__).parents[1] / "scenarios" / "many_workers.yaml")
+    from topologies import load_topology
+
+    topo = load_topology("two-tier")(n_groups=2, workers_per_group=2)
+    default, per = link_options(sc, topo.hosts(), topo.links())
+    assert per[("e1", "s0")]["bw"] == 50.0 and per[("e2", "s0")]["delay"] == "20ms"
+    assert default == {"bw": 100.0, "delay": "1ms"}
