@@ -325,6 +325,44 @@ def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def loopback_copy_ms(n_bytes: int, reps: int = 20) -> float:
+    """Median time to move n_bytes through a TCP connection on 127.0.0.1 (send + receive
+    into a buffer, Python sockets): the floor for the network part of a round."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    payload = b"x" * n_bytes
+
+    def sink() -> None:
+        conn, _ = srv.accept()
+        buf = bytearray(n_bytes)
+        view = memoryview(buf)
+        for _ in range(reps + 1):
+            got = 0
+            while got < n_bytes:
+                got += conn.recv_into(view[got:], n_bytes - got)
+            conn.sendall(b"k")
+        conn.close()
+
+    th = threading.Thread(target=sink, daemon=True)
+    th.start()
+    cli = socket.create_connection(("127.0.0.1", port))
+    cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        cli.sendall(payload)
+        cli.recv(1)
+        if i:  # the first transfer warms the connection up
+            times.append((time.perf_counter() - t0) * 1e3)
+    cli.close()
+    th.join()
+    srv.close()
+    return float(np.median(times))
+
+
 def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
     """Two real worker processes on 127.0.0.1; per-round overhead of the network path."""
     import os
@@ -404,6 +442,9 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "t_round_ms_median": float(np.median([r.t_round_ms for r in rounds])),
                 "t_draft_ms_median": float(np.median([r.t_draft_ms for r in rounds])),
+                "loopback_copy_ms_all_workers": loopback_copy_ms(
+                    int(sum(w.bytes_up for w in rounds[0].workers))
+                ),
             }
             log(f"{label}: {json.dumps(out[label])}")
         for c in clients:
