@@ -435,7 +435,7 @@ def run_scenario(
     done_before = 0
     try:
         for gi, group in enumerate(groups):
-            bar.set_postfix_str(f"group {gi + 1}/{len(groups)}: {group[0].label}")
+            bar.set_postfix_str(f"network {gi + 1}/{len(groups)}, {len(group)} points")
 
             def on_progress(n: int, base: int = done_before) -> None:
                 bar.n = min(total, base + n)

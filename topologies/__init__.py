@@ -34,9 +34,10 @@ def load_topology(name: str, file: str | Path | None = None) -> Any:
             raise TopologyError(f"cannot load topology file {path}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        registry = getattr(module, "topos", None)
-        if not isinstance(registry, dict):
+        found = getattr(module, "topos", None)
+        if not isinstance(found, dict):
             raise TopologyError(f"{path} has no `topos = {{...}}` registry")
+        registry = found
     if name not in registry:
         where = str(file) if file else "topologies/"
         raise TopologyError(

@@ -12,7 +12,7 @@ class StarTopo(Topo):
     have its own bandwidth, delay and loss; the server's link (``srv``) is shared by all.
     """
 
-    def build(self, n_workers: int = 2) -> None:  # type: ignore[override]
+    def build(self, n_workers: int = 2) -> None:
         if n_workers < 1:
             raise ValueError(f"star: n_workers must be >= 1, got {n_workers}")
         sw = self.addSwitch("s1")

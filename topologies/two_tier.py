@@ -13,7 +13,7 @@ class TwoTierTopo(Topo):
     bottleneck of its group) by the pair ``e1-s0``.
     """
 
-    def build(self, n_groups: int = 2, workers_per_group: int = 2) -> None:  # type: ignore[override]
+    def build(self, n_groups: int = 2, workers_per_group: int = 2) -> None:
         if n_groups < 1 or workers_per_group < 1:
             raise ValueError(
                 f"two-tier: n_groups and workers_per_group must be >= 1, "
