@@ -137,7 +137,9 @@ try:
     dist = md.distribution(project["name"])
     url = json.loads(dist.read_text("direct_url.json") or "{}")
     editable = url.get("dir_info", {}).get("editable") and url.get("url") == f"file://{root}"
-    ok = bool(editable) and dist.version == project["version"]
+    scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
+    ok = (bool(editable) and dist.version == project["version"]
+          and scripts == project.get("scripts", {}))  # a new console script needs a reinstall
 except md.PackageNotFoundError:
     ok = False
 if not ok:

@@ -1,0 +1,11 @@
+"""Analysis of SpecFed testbed runs: load the run folders' tables into pandas, plot with
+seaborn, write a markdown report (Pantheon's analyze -> plot -> report in one command).
+
+    analysis report results/<scenario>/<run>/ [more runs] [--out DIR]
+    analysis compare RUN_A RUN_B [--out DIR]
+    analysis paper ...          (distribution-level study, analysis.paper)
+
+Modules: load (run folders -> DataFrames), styles (the configuration registry: name, colour,
+marker), tables (every number), plots (the figures), report (report.md / compare.md), cli.
+Separate from specfed and testbed: it reads only the files a run leaves behind.
+"""
