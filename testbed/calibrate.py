@@ -125,6 +125,7 @@ class LinkCalibration:
 
 # --------------------------------------------------------------------------- measurements
 
+
 def _parse_rtts(text: str) -> tuple[list[float], int]:
     times = [float(m.group(2)) for m in _PING_RE.finditer(text)]
     m = _SUMMARY_RE.search(text)
@@ -137,8 +138,14 @@ def rtt_stats(times_ms: list[float], sent: int) -> RttStats:
     if not times_ms:
         raise CalibrationError(f"no reply out of {sent}")
     sd = statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0
-    return RttStats(sent=sent, received=len(times_ms), mean_ms=statistics.fmean(times_ms),
-                    sd_ms=sd, min_ms=min(times_ms), max_ms=max(times_ms))
+    return RttStats(
+        sent=sent,
+        received=len(times_ms),
+        mean_ms=statistics.fmean(times_ms),
+        sd_ms=sd,
+        min_ms=min(times_ms),
+        max_ms=max(times_ms),
+    )
 
 
 def _record(emu: EmuNet | None, proc: subprocess.Popen[bytes], role: str) -> None:
@@ -161,9 +168,18 @@ def _end(procs: list[subprocess.Popen[bytes]]) -> None:
                 f.close()
 
 
-def run_probe(src: Node, dst: Node, *, count: int, interval_s: float, size: int = 56,
-              warmup: int = 2, icmp: bool = False, emu: EmuNet | None = None,
-              rt_priority: int = PROBE_RT_PRIORITY) -> dict[str, Any]:
+def run_probe(
+    src: Node,
+    dst: Node,
+    *,
+    count: int,
+    interval_s: float,
+    size: int = 56,
+    warmup: int = 2,
+    icmp: bool = False,
+    emu: EmuNet | None = None,
+    rt_priority: int = PROBE_RT_PRIORITY,
+) -> dict[str, Any]:
     """Run :mod:`testbed.linkprobe` from ``src`` to ``dst`` and return its JSON.
 
     UDP (default): an echo server in ``dst``; JSON ``sent``, ``server_rx``, ``received``,
@@ -171,24 +187,37 @@ def run_probe(src: Node, dst: Node, *, count: int, interval_s: float, size: int 
     kernel; JSON ``sent``, ``received``, ``rtt_us``.
     """
     base = [sys.executable, "-I", "-S", str(PROBE_PATH)]
-    args = ["--dst", dst.IP(), "--count", str(count), "--interval", repr(interval_s),
-            "--size", str(size), "--warmup", str(warmup), "--rt-priority", str(rt_priority)]
+    args = [
+        "--dst",
+        dst.IP(),
+        "--count",
+        str(count),
+        "--interval",
+        repr(interval_s),
+        "--size",
+        str(size),
+        "--warmup",
+        str(warmup),
+        "--rt-priority",
+        str(rt_priority),
+    ]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if icmp:
             args.append("--icmp")
         else:
             port = next(_port)
-            server = dst.popen([*base, "echo", "--port", str(port),
-                                "--rt-priority", str(rt_priority)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            server = dst.popen(
+                [*base, "echo", "--port", str(port), "--rt-priority", str(rt_priority)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(server)
             _record(emu, server, f"probe echo {dst.name}")
             if read_first_line(server, 10.0) != "READY":
                 raise CalibrationError(f"probe echo server in {dst.name} did not start")
             args += ["--port", str(port)]
-        client = src.popen([*base, "ping", *args], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
+        client = src.popen([*base, "ping", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(client)
         _record(emu, client, f"probe client {src.name}")
         out, err = client.communicate(timeout=count * interval_s + 30)
@@ -197,13 +226,21 @@ def run_probe(src: Node, dst: Node, *, count: int, interval_s: float, size: int 
     try:
         result: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError:
-        raise CalibrationError(f"probe {src.name} -> {dst.name}: no result "
-                               f"({err.decode(errors='replace')[-200:]!r})") from None
+        raise CalibrationError(
+            f"probe {src.name} -> {dst.name}: no result ({err.decode(errors='replace')[-200:]!r})"
+        ) from None
     return result
 
 
-def measure_rtt(src: Node, dst: Node, *, count: int = 50, interval_s: float = 0.02,
-                method: str = "icmp", emu: EmuNet | None = None) -> RttStats:
+def measure_rtt(
+    src: Node,
+    dst: Node,
+    *,
+    count: int = 50,
+    interval_s: float = 0.02,
+    method: str = "icmp",
+    emu: EmuNet | None = None,
+) -> RttStats:
     """RTT from host ``src`` to host ``dst`` (ms), after 2 uncounted warm-up packets, with
     98-byte frames (as ping's) timed in us by the sending process (as ``ping -U``).
 
@@ -213,12 +250,13 @@ def measure_rtt(src: Node, dst: Node, *, count: int = 50, interval_s: float = 0.
     """
     if method == "ping":
         ip = dst.IP()
-        out = src.cmd(f"ping -n -U -c 2 -i 0.05 -W 2 {ip} >/dev/null 2>&1; "
-                      f"ping -n -U -c {count} -i {interval_s:g} -W 2 {ip}")
+        out = src.cmd(
+            f"ping -n -U -c 2 -i 0.05 -W 2 {ip} >/dev/null 2>&1; "
+            f"ping -n -U -c {count} -i {interval_s:g} -W 2 {ip}"
+        )
         times, sent = _parse_rtts(out)
     elif method in ("icmp", "udp"):
-        r = run_probe(src, dst, count=count, interval_s=interval_s, icmp=method == "icmp",
-                      emu=emu)
+        r = run_probe(src, dst, count=count, interval_s=interval_s, icmp=method == "icmp", emu=emu)
         times, sent = [us / 1e3 for us in r["rtt_us"]], r["sent"]
     else:
         raise ValueError(f"measure_rtt: method {method!r}: expected 'icmp', 'udp' or 'ping'")
@@ -250,13 +288,19 @@ class LossStats:
         return 100.0 * self.lost_down / self.server_rx if self.server_rx else 0.0
 
 
-def measure_loss(src: Node, dst: Node, *, count: int = 1000, interval_s: float = 0.002,
-                 emu: EmuNet | None = None) -> LossStats:
+def measure_loss(
+    src: Node, dst: Node, *, count: int = 1000, interval_s: float = 0.002, emu: EmuNet | None = None
+) -> LossStats:
     """Send ``count`` UDP probes ``src`` -> ``dst`` every ``interval_s`` and count, per
     direction, how many were lost."""
     r = run_probe(src, dst, count=count, interval_s=interval_s, emu=emu)
-    return LossStats(sent=r["sent"], server_rx=r["server_rx"], received=r["received"],
-                     lost_up=r["lost_up"], lost_down=r["lost_down"])
+    return LossStats(
+        sent=r["sent"],
+        server_rx=r["server_rx"],
+        received=r["received"],
+        lost_up=r["lost_up"],
+        lost_down=r["lost_down"],
+    )
 
 
 def binomial_bound(n: int, p: float, sigmas: float = 4.0) -> tuple[float, float]:
@@ -275,8 +319,14 @@ def _wait_listening(host: Node, port: int, timeout_s: float = 5.0) -> None:
     raise CalibrationError(f"iperf3 server in {host.name} not listening on {port}")
 
 
-def measure_goodput(sender: Node, receiver: Node, *, duration_s: float = 2.0,
-                    warmup_s: float = 1.0, emu: EmuNet | None = None) -> Goodput:
+def measure_goodput(
+    sender: Node,
+    receiver: Node,
+    *,
+    duration_s: float = 2.0,
+    warmup_s: float = 1.0,
+    emu: EmuNet | None = None,
+) -> Goodput:
     """TCP goodput ``sender`` -> ``receiver`` (Mbit/s of payload) with iperf3.
 
     The iperf3 server runs in ``sender``, the client in ``receiver`` with ``-R``; the
@@ -285,15 +335,32 @@ def measure_goodput(sender: Node, receiver: Node, *, duration_s: float = 2.0,
     """
     port = next(_port)
     total = math.ceil(warmup_s + duration_s)
-    server = sender.popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    server = sender.popen(
+        ["iperf3", "-s", "-1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs = [server]
     try:
         _record(emu, server, f"iperf3 server {sender.name}")
         _wait_listening(sender, port)
-        client = receiver.popen(["iperf3", "-c", sender.IP(), "-p", str(port), "-R", "-J",
-                                 "-i", "0.1", "-t", str(total)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        client = receiver.popen(
+            [
+                "iperf3",
+                "-c",
+                sender.IP(),
+                "-p",
+                str(port),
+                "-R",
+                "-J",
+                "-i",
+                "0.1",
+                "-t",
+                str(total),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         procs.append(client)
         _record(emu, client, f"iperf3 client {receiver.name}")
         out, err = client.communicate(timeout=total + 15)
@@ -302,23 +369,31 @@ def measure_goodput(sender: Node, receiver: Node, *, duration_s: float = 2.0,
     try:
         result = json.loads(out)
     except json.JSONDecodeError:
-        raise CalibrationError(f"iperf3 {sender.name} -> {receiver.name}: no JSON "
-                               f"({err.decode(errors='replace')[-200:]!r})") from None
+        raise CalibrationError(
+            f"iperf3 {sender.name} -> {receiver.name}: no JSON "
+            f"({err.decode(errors='replace')[-200:]!r})"
+        ) from None
     if "error" in result:
         raise CalibrationError(f"iperf3 {sender.name} -> {receiver.name}: {result['error']}")
-    kept = [iv["sum"] for iv in result.get("intervals", [])
-            if iv["sum"]["start"] >= warmup_s - 1e-6 and not iv["sum"].get("omitted")]
+    kept = [
+        iv["sum"]
+        for iv in result.get("intervals", [])
+        if iv["sum"]["start"] >= warmup_s - 1e-6 and not iv["sum"].get("omitted")
+    ]
     seconds = sum(s["seconds"] for s in kept)
     if seconds <= 0:
-        raise CalibrationError(f"iperf3 {sender.name} -> {receiver.name}: no interval "
-                               f"after the {warmup_s} s warm-up")
+        raise CalibrationError(
+            f"iperf3 {sender.name} -> {receiver.name}: no interval after the {warmup_s} s warm-up"
+        )
     mbit = sum(s["bytes"] for s in kept) * 8 / seconds / 1e6
     retrans = result.get("end", {}).get("sum_sent", {}).get("retransmits")
-    return Goodput(src=sender.name, dst=receiver.name, mbit=mbit, seconds=seconds,
-                   retransmits=retrans)
+    return Goodput(
+        src=sender.name, dst=receiver.name, mbit=mbit, seconds=seconds, retransmits=retrans
+    )
 
 
 # --------------------------------------------------------------------------- prediction
+
 
 def path_links(emu: EmuNet, a: str, b: str) -> list[tuple[tuple[str, str], LinkSpec]]:
     """The links from node ``a`` to node ``b`` (shortest path), each as ``((node1, node2),
@@ -350,8 +425,9 @@ def path_links(emu: EmuNet, a: str, b: str) -> list[tuple[tuple[str, str], LinkS
     return hops[::-1]
 
 
-def configured_rtt_ms(hops: list[tuple[tuple[str, str], LinkSpec]],
-                      frame_bytes: int = PING_FRAME_BYTES) -> float:
+def configured_rtt_ms(
+    hops: list[tuple[tuple[str, str], LinkSpec]], frame_bytes: int = PING_FRAME_BYTES
+) -> float:
     """Predicted ping RTT (ms) over ``hops``: one-way delays both ways plus serialisation
     of a ``frame_bytes`` frame at each link's rate in each direction."""
     total = 0.0
@@ -363,8 +439,10 @@ def configured_rtt_ms(hops: list[tuple[tuple[str, str], LinkSpec]],
     return total
 
 
-def bottleneck_mbit(hops: list[tuple[tuple[str, str], LinkSpec]], forward: bool = True,
-                    ) -> float | None:
+def bottleneck_mbit(
+    hops: list[tuple[tuple[str, str], LinkSpec]],
+    forward: bool = True,
+) -> float | None:
     """Smallest rate (Mbit/s) on the path, forward (a->b) or back; None if unlimited."""
     rates = [(s.up if forward else s.down).bw_mbit for _k, s in hops]
     limited = [r for r in rates if r]
@@ -373,9 +451,18 @@ def bottleneck_mbit(hops: list[tuple[tuple[str, str], LinkSpec]], forward: bool 
 
 # --------------------------------------------------------------------------- calibration
 
-def calibrate_pair(emu: EmuNet, a: str, b: str, *, tolerance: Tolerance | None = None,
-                   pings: int = 50, goodput: bool = True, duration_s: float = 2.0,
-                   warmup_s: float | None = None) -> LinkCalibration:
+
+def calibrate_pair(
+    emu: EmuNet,
+    a: str,
+    b: str,
+    *,
+    tolerance: Tolerance | None = None,
+    pings: int = 50,
+    goodput: bool = True,
+    duration_s: float = 2.0,
+    warmup_s: float | None = None,
+) -> LinkCalibration:
     """Measure RTT (and TCP goodput both ways) between hosts ``a`` and ``b`` and compare
     with the configuration. ``warmup_s`` default: 12 RTTs, within 0.5-3 s."""
     tol = tolerance or Tolerance()
@@ -394,18 +481,37 @@ def calibrate_pair(emu: EmuNet, a: str, b: str, *, tolerance: Tolerance | None =
             conf = bottleneck_mbit(hops, forward=fwd)
             ratio = g.mbit / conf if conf else None
             ok = None if ratio is None else ratio >= tol.goodput_ratio
-            results.append(Goodput(src=g.src, dst=g.dst, mbit=g.mbit, seconds=g.seconds,
-                                   retransmits=g.retransmits, configured_mbit=conf,
-                                   ratio=ratio, ok=ok))
+            results.append(
+                Goodput(
+                    src=g.src,
+                    dst=g.dst,
+                    mbit=g.mbit,
+                    seconds=g.seconds,
+                    retransmits=g.retransmits,
+                    configured_mbit=conf,
+                    ratio=ratio,
+                    ok=ok,
+                )
+            )
     rtt_ok = abs(err) <= limit
     passed = rtt_ok and all(g.ok is not False for g in results)
-    return LinkCalibration(a=a, b=b, links=tuple(k for k, _ in hops), configured_rtt_ms=want_rtt,
-                           rtt=rtt, rtt_error_ms=err, rtt_limit_ms=limit, rtt_ok=rtt_ok,
-                           goodput=tuple(results), passed=passed)
+    return LinkCalibration(
+        a=a,
+        b=b,
+        links=tuple(k for k, _ in hops),
+        configured_rtt_ms=want_rtt,
+        rtt=rtt,
+        rtt_error_ms=err,
+        rtt_limit_ms=limit,
+        rtt_ok=rtt_ok,
+        goodput=tuple(results),
+        passed=passed,
+    )
 
 
 def calibrate_star(emu: EmuNet, center: str, **kwargs: Any) -> list[LinkCalibration]:
     """:func:`calibrate_pair` between ``center`` and every other host, one after the
     other (so measurements do not share links)."""
-    return [calibrate_pair(emu, h.name, center, **kwargs)
-            for h in emu.net.hosts if h.name != center]
+    return [
+        calibrate_pair(emu, h.name, center, **kwargs) for h in emu.net.hosts if h.name != center
+    ]

@@ -74,8 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             from analysis.cli import main as analysis_main
         except ImportError as exc:
-            print(f"testbed: no report: the analysis package is missing ({exc})",
-                  file=sys.stderr)
+            print(f"testbed: no report: the analysis package is missing ({exc})", file=sys.stderr)
         else:
             analysis_main(["report", str(run_dir)])
     return 0 if ok else 1
@@ -199,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run even if link calibration is out of tolerance (recorded)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--report", action="store_true",
-                   help="then write the analysis report (plots + report.md) into the run folder")
+    r.add_argument(
+        "--report",
+        action="store_true",
+        help="then write the analysis report (plots + report.md) into the run folder",
+    )
     c = sub.add_parser("calibrate", help="measure every worker link vs configured (root)")
     c.add_argument("scenario", type=Path)
     c.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")

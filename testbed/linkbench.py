@@ -60,8 +60,9 @@ def _forwarder(emu: EmuNet, host: str) -> EmuLink | None:
     return None
 
 
-def bench_link(emu: EmuNet, host: str, bw: float, delay: float, *, pings: int,
-               seconds: float) -> dict[str, Any]:
+def bench_link(
+    emu: EmuNet, host: str, bw: float, delay: float, *, pings: int, seconds: float
+) -> dict[str, Any]:
     """Measure one worker link (path ``host`` <-> ``srv``) and compare with its config."""
     net = emu.net
     tol = Tolerance(RTT_ABS_MS, RTT_REL, GOODPUT_RATIO)
@@ -80,22 +81,31 @@ def bench_link(emu: EmuNet, host: str, bw: float, delay: float, *, pings: int,
     err = rtt.mean_ms - want
     limit = tol.rtt_limit_ms(want)
     return {
-        "link": host, "bw_mbit": bw, "delay_ms": delay,
-        "configured_rtt_ms": round(want, 3), "rtt_mean_ms": round(rtt.mean_ms, 3),
-        "rtt_sd_ms": round(rtt.sd_ms, 3), "rtt_min_ms": round(rtt.min_ms, 3),
-        "rtt_max_ms": round(rtt.max_ms, 3), "rtt_error_ms": round(err, 3),
+        "link": host,
+        "bw_mbit": bw,
+        "delay_ms": delay,
+        "configured_rtt_ms": round(want, 3),
+        "rtt_mean_ms": round(rtt.mean_ms, 3),
+        "rtt_sd_ms": round(rtt.sd_ms, 3),
+        "rtt_min_ms": round(rtt.min_ms, 3),
+        "rtt_max_ms": round(rtt.max_ms, 3),
+        "rtt_error_ms": round(err, 3),
         "rtt_error_pct": round(100 * err / want, 2) if want else None,
-        "rtt_limit_ms": round(limit, 3), "rtt_ok": abs(err) <= limit,
+        "rtt_limit_ms": round(limit, 3),
+        "rtt_ok": abs(err) <= limit,
         "goodput_up_mbit": round(up.mbit, 3),
         "goodput_up_ratio": round(up.mbit / up_conf, 4) if up_conf else None,
         "goodput_down_mbit": round(down.mbit, 3),
         "goodput_down_ratio": round(down.mbit / down_conf, 4) if down_conf else None,
-        "goodput_ok": all(g.mbit >= GOODPUT_RATIO * c for g, c in ((up, up_conf),
-                                                                   (down, down_conf)) if c),
-        "retransmits_up": up.retransmits, "retransmits_down": down.retransmits,
+        "goodput_ok": all(
+            g.mbit >= GOODPUT_RATIO * c for g, c in ((up, up_conf), (down, down_conf)) if c
+        ),
+        "retransmits_up": up.retransmits,
+        "retransmits_down": down.retransmits,
         "queue_pkts": emu.links[(host, "s1")].up.max_queue_size,
         "forwarder_cpu_pct_up": round(100 * (cpu1 - cpu0) / wall, 1)
-        if cpu0 is not None and cpu1 is not None else None,
+        if cpu0 is not None and cpu1 is not None
+        else None,
     }
 
 
@@ -108,9 +118,11 @@ def accuracy(pings: int, seconds: float) -> list[dict[str, Any]]:
             for j, (bw, d) in enumerate(star, 1):
                 row = bench_link(emu, f"w{j}", bw, d, pings=pings, seconds=seconds)
                 rows.append({"star": i, **row})
-                print(f"star {i} w{j} {bw:g} Mbit/s {d:g} ms: RTT err {row['rtt_error_ms']:+.3f}"
-                      f" ms, goodput {row['goodput_up_ratio']}/{row['goodput_down_ratio']}",
-                      file=sys.stderr)
+                print(
+                    f"star {i} w{j} {bw:g} Mbit/s {d:g} ms: RTT err {row['rtt_error_ms']:+.3f}"
+                    f" ms, goodput {row['goodput_up_ratio']}/{row['goodput_down_ratio']}",
+                    file=sys.stderr,
+                )
     return rows
 
 
@@ -125,8 +137,14 @@ def setup_teardown(n_workers: int, repeats: int) -> list[dict[str, float]]:
         t1 = time.monotonic()
         report = emu.teardown()
         t2 = time.monotonic()
-        runs.append({"setup_s": round(t1 - t0, 3), "teardown_s": round(t2 - t1, 3),
-                     "total_s": round(t2 - t0, 3), "clean": report.clean})
+        runs.append(
+            {
+                "setup_s": round(t1 - t0, 3),
+                "teardown_s": round(t2 - t1, 3),
+                "total_s": round(t2 - t0, 3),
+                "clean": report.clean,
+            }
+        )
     return runs
 
 
@@ -145,13 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if o.skip_accuracy else accuracy(o.pings, o.seconds)
     st = setup_teardown(o.hosts, o.repeats)
     result = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "netem": netem_available(),
-                    "backend": linkemu.resolve_backend(),
-                    "forwarder_rt_priority": linkemu.FORWARDER_RT_PRIORITY,
-                    "forwarder_early_us": linkemu.FORWARDER_EARLY_US},
-        "targets": {"rtt_error": f"<= max({RTT_ABS_MS} ms, {RTT_REL:.0%})",
-                    "goodput_ratio": f">= {GOODPUT_RATIO}", "setup_plus_teardown_s": 10},
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "netem": netem_available(),
+            "backend": linkemu.resolve_backend(),
+            "forwarder_rt_priority": linkemu.FORWARDER_RT_PRIORITY,
+            "forwarder_early_us": linkemu.FORWARDER_EARLY_US,
+        },
+        "targets": {
+            "rtt_error": f"<= max({RTT_ABS_MS} ms, {RTT_REL:.0%})",
+            "goodput_ratio": f">= {GOODPUT_RATIO}",
+            "setup_plus_teardown_s": 10,
+        },
         "accuracy": rows,
         "setup_teardown": {"hosts": 1 + o.hosts, "switches": 1, "runs": st},
         "summary": {
@@ -159,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             "rtt_ok": sum(r["rtt_ok"] for r in rows),
             "goodput_ok": sum(r["goodput_ok"] for r in rows),
             "max_abs_rtt_error_ms": max((abs(r["rtt_error_ms"]) for r in rows), default=None),
-            "min_goodput_ratio": min((x for r in rows for x in (r["goodput_up_ratio"],
-                                      r["goodput_down_ratio"]) if x is not None), default=None),
+            "min_goodput_ratio": min(
+                (
+                    x
+                    for r in rows
+                    for x in (r["goodput_up_ratio"], r["goodput_down_ratio"])
+                    if x is not None
+                ),
+                default=None,
+            ),
             "max_setup_plus_teardown_s": max(r["total_s"] for r in st),
         },
     }

@@ -93,6 +93,7 @@ class LinkEmulationError(RuntimeError):
 
 # --------------------------------------------------------------------------- backends
 
+
 @functools.cache
 def netem_available() -> bool:
     """True if the kernel has the netem qdisc. Probed once per process (cached).
@@ -103,8 +104,24 @@ def netem_available() -> bool:
     """
     if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("tc"):
         r = subprocess.run(
-            ["unshare", "--net", "--", "tc", "qdisc", "add", "dev", "lo", "root",
-             "netem", "delay", "1ms"], capture_output=True, check=False, timeout=10)
+            [
+                "unshare",
+                "--net",
+                "--",
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "netem",
+                "delay",
+                "1ms",
+            ],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
         return r.returncode == 0
     return _config_has_netem()
 
@@ -119,8 +136,10 @@ def _config_has_netem() -> bool:
     for path, read in candidates:
         with contextlib.suppress(OSError):
             text = read(path)
-            return any(line.strip() in ("CONFIG_NET_SCH_NETEM=y", "CONFIG_NET_SCH_NETEM=m")
-                       for line in text.splitlines())
+            return any(
+                line.strip() in ("CONFIG_NET_SCH_NETEM=y", "CONFIG_NET_SCH_NETEM=m")
+                for line in text.splitlines()
+            )
     return False
 
 
@@ -133,7 +152,8 @@ def resolve_backend(requested: str | None = None) -> str:
     if choice not in BACKENDS:
         raise LinkEmulationError(
             f"link backend {choice!r} (from {'argument' if requested else BACKEND_ENV}): "
-            f"expected auto, {' or '.join(BACKENDS)}")
+            f"expected auto, {' or '.join(BACKENDS)}"
+        )
     return choice
 
 
@@ -189,6 +209,7 @@ class _Recorder:
 
 # --------------------------------------------------------------------------- nodes
 
+
 class EmuHost(Host):
     """A Mininet host whose shell (and so its namespace) is recorded in a state file."""
 
@@ -219,8 +240,9 @@ class EmuBridge(LinuxBridge):
 
     _index = 0
 
-    def __init__(self, name: str, state: StateFile | None = None, tag: str | None = None,
-                 **params: Any) -> None:
+    def __init__(
+        self, name: str, state: StateFile | None = None, tag: str | None = None, **params: Any
+    ) -> None:
         self.state = state or default_state()
         self.tag = tag or _process_tag()
         EmuBridge._index += 1
@@ -242,24 +264,34 @@ class EmuBridge(LinuxBridge):
         """Create the bridge, enslave every port, bring it up."""
         br = self.bridge_name
         if link_ifindex(br) is not None:
-            raise LinkEmulationError(f"switch {self.name}: a device {br} already exists "
-                                     "(not ours: left alone)")
+            raise LinkEmulationError(
+                f"switch {self.name}: a device {br} already exists (not ours: left alone)"
+            )
         self.state.record_bridge(br, role=f"switch {self.name}")
         _ip("link", "add", "name", br, "type", "bridge", what=f"switch {self.name}")
         self.bridge_ifindex = link_ifindex(br)
         self.state.record_bridge(br, ifindex=self.bridge_ifindex, role=f"switch {self.name}")
         for intf in self.intfList():
             if intf.name != "lo":
-                _ip("link", "set", "dev", intf.name, "master", br, "up",
-                    what=f"switch {self.name} port {intf.name}")
+                _ip(
+                    "link",
+                    "set",
+                    "dev",
+                    intf.name,
+                    "master",
+                    br,
+                    "up",
+                    what=f"switch {self.name} port {intf.name}",
+                )
         _ip("link", "set", "dev", br, "up", what=f"switch {self.name}")
 
     def stop(self, deleteIntfs: bool = True) -> None:
         """Delete the bridge (only if it is still the one created), stop the shell."""
         idx = self.bridge_ifindex
         if idx is not None and link_ifindex(self.bridge_name) == idx:
-            subprocess.run(["ip", "link", "del", "dev", self.bridge_name],
-                           capture_output=True, check=False)
+            subprocess.run(
+                ["ip", "link", "del", "dev", self.bridge_name], capture_output=True, check=False
+            )
         self.bridge_ifindex = None
         # skip LinuxBridge.stop (brctl delbr by name); Switch/Node.stop end the shell
         super(LinuxBridge, self).stop(deleteIntfs)
@@ -278,6 +310,7 @@ def _process_tag() -> str:
 
 # --------------------------------------------------------------------------- interfaces
 
+
 class EmuIntf(Intf):
     """Interface of a TAP link: it vanishes with its forwarder, so ``delete`` only
     detaches it from its node (no ``ip link del`` by name)."""
@@ -295,26 +328,44 @@ class EmuTCIntf(TCIntf):
     to its limit; without netem (rate only) the queue is a ``pfifo`` under HTB.
     """
 
-    def config(self, bw: float | None = None, delay: str | None = None,
-               jitter: str | None = None, loss: float | None = None,
-               max_queue_size: int | None = None, **params: Any) -> dict[str, Any]:
+    def config(
+        self,
+        bw: float | None = None,
+        delay: str | None = None,
+        jitter: str | None = None,
+        loss: float | None = None,
+        max_queue_size: int | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
         needs_netem = bool(delay or jitter or loss)
         if needs_netem and not netem_available():
             raise LinkEmulationError(
                 f"interface {self.name}: delay/jitter/loss need the netem qdisc, which this "
-                "kernel lacks; use SPECFED_LINK_BACKEND=tap (or auto)")
+                "kernel lacks; use SPECFED_LINK_BACKEND=tap (or auto)"
+            )
         queue = max_queue_size
         if needs_netem and queue is not None and bw:
             one_way_s = (_ms(delay) + _ms(jitter)) / 1e3
             queue += int(bw * 1e6 * one_way_s / (8 * ETH_FRAME_BYTES)) + 1
-        result = super().config(bw=bw, delay=delay, jitter=jitter, loss=loss,
-                                max_queue_size=queue if needs_netem else None, **params)
+        result = super().config(
+            bw=bw,
+            delay=delay,
+            jitter=jitter,
+            loss=loss,
+            max_queue_size=queue if needs_netem else None,
+            **params,
+        )
         outputs = (result or {}).get("tcoutputs", [])
         if not needs_netem and queue is not None and bw:
-            outputs.append(self.tc(f"%s qdisc add dev %s parent 5:1 handle 10: "
-                                   f"pfifo limit {queue}"))
-        bad = [line.strip() for o in outputs for line in o.splitlines()
-               if line.strip() and not line.strip().startswith("Warning")]
+            outputs.append(
+                self.tc(f"%s qdisc add dev %s parent 5:1 handle 10: pfifo limit {queue}")
+            )
+        bad = [
+            line.strip()
+            for o in outputs
+            for line in o.splitlines()
+            if line.strip() and not line.strip().startswith("Warning")
+        ]
         if bad:
             raise LinkEmulationError(f"interface {self.name}: tc failed: {bad[0]}")
         return result or {}
@@ -328,6 +379,7 @@ def _ms(value: Any) -> float:
 
 # --------------------------------------------------------------------------- the link
 
+
 class EmuLink(Link):
     """A Mininet link with TCLink's options on either backend (see the module docstring).
 
@@ -339,13 +391,25 @@ class EmuLink(Link):
     node2, queues filled in) and ``backend`` the backend used.
     """
 
-    def __init__(self, node1: Node, node2: Node, port1: int | None = None,
-                 port2: int | None = None, intfName1: str | None = None,
-                 intfName2: str | None = None, addr1: str | None = None,
-                 addr2: str | None = None, params1: Mapping[str, Any] | None = None,
-                 params2: Mapping[str, Any] | None = None, *, backend: str | None = None,
-                 state: StateFile | None = None, queue_rtt_ms: float | None = None,
-                 seed: int | None = None, **params: Any) -> None:
+    def __init__(
+        self,
+        node1: Node,
+        node2: Node,
+        port1: int | None = None,
+        port2: int | None = None,
+        intfName1: str | None = None,
+        intfName2: str | None = None,
+        addr1: str | None = None,
+        addr2: str | None = None,
+        params1: Mapping[str, Any] | None = None,
+        params2: Mapping[str, Any] | None = None,
+        *,
+        backend: str | None = None,
+        state: StateFile | None = None,
+        queue_rtt_ms: float | None = None,
+        seed: int | None = None,
+        **params: Any,
+    ) -> None:
         self.backend = resolve_backend(backend)
         self.state = state or default_state()
         self.seed = seed
@@ -359,10 +423,14 @@ class EmuLink(Link):
             for key in TC_ONLY_KEYS:
                 if key in p1 or key in p2:
                     raise LinkParamError(f"{name}: option {key!r} needs the tc backend")
-        up = DirectionParams.from_options({k: p1.pop(k) for k in EMULATION_KEYS if k in p1},
-                                          where=f"{name} ({node1.name}->{node2.name})")
-        down = DirectionParams.from_options({k: p2.pop(k) for k in EMULATION_KEYS if k in p2},
-                                            where=f"{name} ({node2.name}->{node1.name})")
+        up = DirectionParams.from_options(
+            {k: p1.pop(k) for k in EMULATION_KEYS if k in p1},
+            where=f"{name} ({node1.name}->{node2.name})",
+        )
+        down = DirectionParams.from_options(
+            {k: p2.pop(k) for k in EMULATION_KEYS if k in p2},
+            where=f"{name} ({node2.name}->{node1.name})",
+        )
         self.spec = LinkSpec(up=up, down=down).with_default_queues(queue_rtt_ms)
         for node in (node1, node2):
             _Recorder.node(self.state, node)
@@ -374,9 +442,21 @@ class EmuLink(Link):
             cls = EmuIntf
         self._veth: tuple[str, Node, int | None] | None = None  # (name, node, ifindex)
         try:
-            super().__init__(node1, node2, port1=port1, port2=port2, intfName1=intfName1,
-                             intfName2=intfName2, addr1=addr1, addr2=addr2, cls1=cls,
-                             cls2=cls, params1=p1, params2=p2, fast=True)
+            super().__init__(
+                node1,
+                node2,
+                port1=port1,
+                port2=port2,
+                intfName1=intfName1,
+                intfName2=intfName2,
+                addr1=addr1,
+                addr2=addr2,
+                cls1=cls,
+                cls2=cls,
+                params1=p1,
+                params2=p2,
+                fast=True,
+            )
         except BaseException:
             self._undo()
             raise
@@ -389,8 +469,7 @@ class EmuLink(Link):
             if node.inNamespace:
                 node.cmd(f"ip link del dev {name}")
             elif idx is not None and link_ifindex(name) == idx:
-                subprocess.run(["ip", "link", "del", "dev", name], capture_output=True,
-                               check=False)
+                subprocess.run(["ip", "link", "del", "dev", name], capture_output=True, check=False)
             self._veth = None
 
     def intfName(self, node: Node, n: int) -> str:
@@ -401,18 +480,27 @@ class EmuLink(Link):
         return super().intfName(node, n)
 
     # Link.__init__ calls this to create the two interfaces.
-    def makeIntfPair(self, intfname1: str, intfname2: str,
-                     addr1: str | None = None, addr2: str | None = None,
-                     node1: Node | None = None, node2: Node | None = None,
-                     deleteIntfs: bool = True) -> None:
+    def makeIntfPair(
+        self,
+        intfname1: str,
+        intfname2: str,
+        addr1: str | None = None,
+        addr2: str | None = None,
+        node1: Node | None = None,
+        node2: Node | None = None,
+        deleteIntfs: bool = True,
+    ) -> None:
         assert node1 is not None and node2 is not None
         for name, node in ((intfname1, node1), (intfname2, node2)):
             if len(name.encode()) > IFNAMSIZ:
-                raise LinkEmulationError(f"interface name {name!r} ({node.name}) is longer "
-                                         f"than {IFNAMSIZ} bytes")
+                raise LinkEmulationError(
+                    f"interface name {name!r} ({node.name}) is longer than {IFNAMSIZ} bytes"
+                )
             if not node.inNamespace and link_ifindex(name) is not None:
-                raise LinkEmulationError(f"interface {name} ({node.name}) already exists in "
-                                         "the root namespace (not ours: left alone)")
+                raise LinkEmulationError(
+                    f"interface {name} ({node.name}) already exists in "
+                    "the root namespace (not ours: left alone)"
+                )
         if self.backend == "tc":
             self._make_veth(intfname1, intfname2, addr1, addr2, node1, node2)
         else:
@@ -424,8 +512,9 @@ class EmuLink(Link):
         else:
             self.state.record_link(name, ifindex=ifindex, role=role)
 
-    def _make_veth(self, n1: str, n2: str, addr1: str | None, addr2: str | None,
-                   node1: Node, node2: Node) -> None:
+    def _make_veth(
+        self, n1: str, n2: str, addr1: str | None, addr2: str | None, node1: Node, node2: Node
+    ) -> None:
         for name, node in ((n1, node1), (n2, node2)):
             self._record_intf(name, node, None, "veth")
         from mininet.util import makeIntfPair
@@ -440,18 +529,41 @@ class EmuLink(Link):
 
     def _start_forwarder(self, n1: str, n2: str, node1: Node, node2: Node) -> None:
         up, down = self.spec.up, self.spec.down
-        cmd = [sys.executable, "-I", "-S", str(FORWARDER_PATH), "--name-a", n1, "--name-b", n2,
-               "--parent", str(os.getpid()), "--txqueuelen", str(TAP_TXQUEUELEN),
-               "--early-us", repr(FORWARDER_EARLY_US),
-               "--rt-priority", str(FORWARDER_RT_PRIORITY)]
+        cmd = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(FORWARDER_PATH),
+            "--name-a",
+            n1,
+            "--name-b",
+            n2,
+            "--parent",
+            str(os.getpid()),
+            "--txqueuelen",
+            str(TAP_TXQUEUELEN),
+            "--early-us",
+            repr(FORWARDER_EARLY_US),
+            "--rt-priority",
+            str(FORWARDER_RT_PRIORITY),
+        ]
         if node1.inNamespace:
             cmd += ["--netns-a", str(node1.pid)]
         if node2.inNamespace:
             cmd += ["--netns-b", str(node2.pid)]
         for tag, d in (("ab", up), ("ba", down)):
-            cmd += [f"--bw-{tag}", repr(d.bw_mbit or 0.0), f"--delay-{tag}", repr(d.delay_ms),
-                    f"--jitter-{tag}", repr(d.jitter_ms), f"--loss-{tag}", repr(d.loss_pct),
-                    f"--queue-{tag}", str(d.max_queue_size)]
+            cmd += [
+                f"--bw-{tag}",
+                repr(d.bw_mbit or 0.0),
+                f"--delay-{tag}",
+                repr(d.delay_ms),
+                f"--jitter-{tag}",
+                repr(d.jitter_ms),
+                f"--loss-{tag}",
+                repr(d.loss_pct),
+                f"--queue-{tag}",
+                str(d.max_queue_size),
+            ]
         cmd += ["--gso-segs-a", str(gso_segments(up)), "--gso-segs-b", str(gso_segments(down))]
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
@@ -460,8 +572,13 @@ class EmuLink(Link):
             cmd += ["--stats", str(Path(stats_dir) / f"{n1}--{n2}.json")]
         for name, node in ((n1, node1), (n2, node2)):
             self._record_intf(name, node, None, "tap")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
         self.forwarder = proc
         self.forwarder_pid = proc.pid
         with contextlib.suppress(ProcessLookupError):
@@ -470,7 +587,8 @@ class EmuLink(Link):
         if not line.startswith("READY"):
             self.stop_forwarder()
             raise LinkEmulationError(
-                f"link {node1.name}<->{node2.name}: forwarder failed: {line or 'no output'}")
+                f"link {node1.name}<->{node2.name}: forwarder failed: {line or 'no output'}"
+            )
         _, _pid, idx1, idx2 = line.split()
         self._record_intf(n1, node1, int(idx1), "tap")
         self._record_intf(n2, node2, int(idx2), "tap")
@@ -539,6 +657,7 @@ def read_first_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 # --------------------------------------------------------------------------- TCP settings
 
+
 @dataclass(frozen=True)
 class TcpSettings:
     """TCP settings pinned in every host namespace (they are per namespace, and users'
@@ -554,16 +673,20 @@ class TcpSettings:
 
     def sysctls(self) -> dict[str, str]:
         """The sysctl keys and values this stands for."""
-        return {"net.ipv4.tcp_congestion_control": self.congestion_control,
-                "net.ipv4.tcp_slow_start_after_idle": str(int(self.slow_start_after_idle))}
+        return {
+            "net.ipv4.tcp_congestion_control": self.congestion_control,
+            "net.ipv4.tcp_slow_start_after_idle": str(int(self.slow_start_after_idle)),
+        }
 
 
 class TcpConfigError(RuntimeError):
     """A TCP sysctl could not be set in a host (e.g. an unknown congestion control)."""
 
 
-def configure_tcp(hosts: Iterable[Node], settings: TcpSettings | None = None,
-                  ) -> dict[str, dict[str, str]]:
+def configure_tcp(
+    hosts: Iterable[Node],
+    settings: TcpSettings | None = None,
+) -> dict[str, dict[str, str]]:
     """Set ``settings`` (default :class:`TcpSettings`) in each host's namespace and read
     them back. Returns ``{host: {sysctl key: value read back}}`` for the run metadata;
     raises :class:`TcpConfigError` naming the host if a value did not stick."""
@@ -578,8 +701,10 @@ def configure_tcp(hosts: Iterable[Node], settings: TcpSettings | None = None,
             allowed = host.cmd("sysctl -n net.ipv4.tcp_allowed_congestion_control").split()
             hint = ""
             if want["net.ipv4.tcp_congestion_control"] not in allowed:
-                hint = (f"; a network namespace may only choose one of the root namespace's "
-                        f"net.ipv4.tcp_allowed_congestion_control ({' '.join(allowed)})")
+                hint = (
+                    f"; a network namespace may only choose one of the root namespace's "
+                    f"net.ipv4.tcp_allowed_congestion_control ({' '.join(allowed)})"
+                )
             raise TcpConfigError(f"host {host.name}: wanted {want}, got {got}{hint}")
         result[host.name] = got
     return result
@@ -634,8 +759,10 @@ class EmuNet:
 
     def link_metadata(self) -> list[dict[str, Any]]:
         """One dict per link (nodes, backend, both directions' parameters) for results."""
-        return [{"node1": a, "node2": b, "backend": self.backend, **spec.as_dict()}
-                for (a, b), spec in self.links.items()]
+        return [
+            {"node1": a, "node2": b, "backend": self.backend, **spec.as_dict()}
+            for (a, b), spec in self.links.items()
+        ]
 
     def __enter__(self) -> EmuNet:
         return self
@@ -644,8 +771,9 @@ class EmuNet:
         self.teardown()
 
 
-def _resolve_specs(topo: Topo, link_params: LinkParams,
-                   default: LinkSpec) -> dict[tuple[str, str], LinkSpec]:
+def _resolve_specs(
+    topo: Topo, link_params: LinkParams, default: LinkSpec
+) -> dict[tuple[str, str], LinkSpec]:
     """Map each topology link (node1, node2) to its LinkSpec oriented node1 -> node2."""
     hosts = set(topo.hosts())
     links = [(a, b) for a, b in topo.links(sort=True)]
@@ -658,8 +786,9 @@ def _resolve_specs(topo: Topo, link_params: LinkParams,
     for a, b in links:
         info = topo.linkInfo(a, b)
         own = {k: info[k] for k in EMULATION_KEYS if k in info}
-        specs[(a, b)] = LinkSpec.from_options(own, where=f"topology link {a}-{b}") if own \
-            else default
+        specs[(a, b)] = (
+            LinkSpec.from_options(own, where=f"topology link {a}-{b}") if own else default
+        )
     for key, value in link_params.items():
         if isinstance(key, tuple):
             x, y = key
@@ -673,19 +802,28 @@ def _resolve_specs(topo: Topo, link_params: LinkParams,
         if key not in by_host:
             raise LinkParamError(f"link_params: {key!r} is not a host of the topology")
         if len(by_host[key]) != 1:
-            raise LinkParamError(f"link_params: host {key!r} has {len(by_host[key])} links; "
-                                 "key them by (node1, node2) instead")
+            raise LinkParamError(
+                f"link_params: host {key!r} has {len(by_host[key])} links; "
+                "key them by (node1, node2) instead"
+            )
         a, b = by_host[key][0]
         spec = LinkSpec.from_options(value, where=f"link of {key}")
         specs[(a, b)] = spec if a == key else spec.reversed()
     return specs
 
 
-def build_net(topo: Topo, link_params: LinkParams | None = None, *,
-              default: LinkSpec | Mapping[str, Any] | None = None,
-              backend: str | None = None, tcp: TcpSettings | None = None,
-              label: str = "net", state_dir: Path | None = None, seed: int | None = None,
-              ip_base: str = "10.0.0.0/8") -> EmuNet:
+def build_net(
+    topo: Topo,
+    link_params: LinkParams | None = None,
+    *,
+    default: LinkSpec | Mapping[str, Any] | None = None,
+    backend: str | None = None,
+    tcp: TcpSettings | None = None,
+    label: str = "net",
+    state_dir: Path | None = None,
+    seed: int | None = None,
+    ip_base: str = "10.0.0.0/8",
+) -> EmuNet:
     """Build and start a Mininet net from ``topo`` with :class:`EmuLink` links,
     :class:`EmuBridge` switches (no controller) and :class:`EmuHost` hosts.
 
@@ -701,15 +839,22 @@ def build_net(topo: Topo, link_params: LinkParams | None = None, *,
     """
     t0 = time.monotonic()
     chosen = resolve_backend(backend)
-    default_spec = LinkSpec.from_options(default, where="default") if default is not None \
-        else LinkSpec()
+    default_spec = (
+        LinkSpec.from_options(default, where="default") if default is not None else LinkSpec()
+    )
     specs = _resolve_specs(topo, link_params or {}, default_spec)
     state = StateFile.create(label=label, directory=state_dir)
     tag = _fresh_tag()
-    net = Mininet(topo=None, switch=functools.partial(EmuBridge, state=state, tag=tag),
-                  host=functools.partial(EmuHost, state=state),
-                  link=functools.partial(EmuLink, backend=chosen, state=state, seed=seed),
-                  controller=None, build=False, ipBase=ip_base, waitConnected=False)
+    net = Mininet(
+        topo=None,
+        switch=functools.partial(EmuBridge, state=state, tag=tag),
+        host=functools.partial(EmuHost, state=state),
+        link=functools.partial(EmuLink, backend=chosen, state=state, seed=seed),
+        controller=None,
+        build=False,
+        ipBase=ip_base,
+        waitConnected=False,
+    )
     emu = EmuNet(net=net, backend=chosen, tcp={}, links={}, state=state, setup_s=0.0)
     atexit.register(emu.cleanup_at_exit)
     try:
@@ -723,8 +868,11 @@ def build_net(topo: Topo, link_params: LinkParams | None = None, *,
         for (a, b), spec in specs.items():
             others = [r for k, r in rtts.items() if k != (a, b)]
             queue_rtt = rtts[(a, b)] + (max(others) if others else 0.0)
-            info = {k: v for k, v in topo.linkInfo(a, b).items()
-                    if k not in ("node1", "node2", *EMULATION_KEYS)}
+            info = {
+                k: v
+                for k, v in topo.linkInfo(a, b).items()
+                if k not in ("node1", "node2", *EMULATION_KEYS)
+            }
             full = spec.with_default_queues(queue_rtt)
             params1 = {**info.pop("params1", {}), **full.up.to_options()}
             params2 = {**info.pop("params2", {}), **full.down.to_options()}

@@ -42,8 +42,15 @@ QUEUE_FLOOR_PKTS = 64
 EMULATION_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
 #: TCLink options that only Mininet's tc path understands (rejected by the tap backend).
 TC_ONLY_KEYS = (
-    "speedup", "use_hfsc", "use_tbf", "latency_ms", "enable_ecn", "enable_red",
-    "gro", "txo", "rxo",
+    "speedup",
+    "use_hfsc",
+    "use_tbf",
+    "latency_ms",
+    "enable_ecn",
+    "enable_red",
+    "gro",
+    "txo",
+    "rxo",
 )
 
 _TIME_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|usec|ms|msec|s|sec)?\s*$")
@@ -69,7 +76,8 @@ def _number(value: Any, where: str, key: str) -> float:
             x = float(value.strip())
         except ValueError:
             raise LinkParamError(
-                f"{_where(where, key)}: expected a number, got {value!r}") from None
+                f"{_where(where, key)}: expected a number, got {value!r}"
+            ) from None
     else:
         raise LinkParamError(f"{_where(where, key)}: expected a number, got {value!r}")
     if not math.isfinite(x):
@@ -91,7 +99,8 @@ def parse_time_ms(value: Any, *, where: str = "", key: str = "delay") -> float:
         if not m:
             raise LinkParamError(
                 f"{_where(where, key)}: bad time {value!r} "
-                "(expected e.g. '20ms', '500us', '0.1s' or a number of ms)")
+                "(expected e.g. '20ms', '500us', '0.1s' or a number of ms)"
+            )
         ms = float(m.group(1)) * _TIME_UNIT_MS[m.group(2) or "ms"]
     else:
         ms = _number(value, where, key)
@@ -107,7 +116,8 @@ def parse_bw_mbit(value: Any, *, where: str = "", key: str = "bw") -> float | No
     bw = _number(value, where, key)
     if bw <= 0:
         raise LinkParamError(
-            f"{_where(where, key)}: must be > 0 Mbit/s (or None for no limit), got {value!r}")
+            f"{_where(where, key)}: must be > 0 Mbit/s (or None for no limit), got {value!r}"
+        )
     return bw
 
 
@@ -190,7 +200,8 @@ class DirectionParams:
         if unknown:
             raise LinkParamError(
                 f"{where or 'link'}: unknown option(s) {', '.join(unknown)} "
-                f"(known: {', '.join(EMULATION_KEYS)})")
+                f"(known: {', '.join(EMULATION_KEYS)})"
+            )
         return cls(
             bw_mbit=parse_bw_mbit(options.get("bw"), where=where),
             delay_ms=parse_time_ms(options.get("delay"), where=where, key="delay"),
@@ -262,8 +273,10 @@ class LinkSpec:
         if isinstance(options, LinkSpec):
             return options
         if not isinstance(options, Mapping):
-            raise LinkParamError(f"{where or 'link'}: expected a mapping of link options, "
-                                 f"got {type(options).__name__}")
+            raise LinkParamError(
+                f"{where or 'link'}: expected a mapping of link options, "
+                f"got {type(options).__name__}"
+            )
         base = {k: v for k, v in options.items() if k not in ("up", "down")}
         out = {}
         for name in ("up", "down"):
@@ -272,7 +285,8 @@ class LinkSpec:
                 raise LinkParamError(f"{where or 'link'}: {name} must be a mapping of options")
             merged = {**base, **sub}
             out[name] = DirectionParams.from_options(
-                merged, where=f"{where} ({name})" if where else name)
+                merged, where=f"{where} ({name})" if where else name
+            )
         return cls(up=out["up"], down=out["down"])
 
     @property
@@ -289,8 +303,9 @@ class LinkSpec:
         plus 2 x max jitter)."""
         if rtt_ms is None:
             rtt_ms = self.rtt_ms + 2.0 * max(self.up.jitter_ms, self.down.jitter_ms)
-        return LinkSpec(up=self.up.with_default_queue(rtt_ms),
-                        down=self.down.with_default_queue(rtt_ms))
+        return LinkSpec(
+            up=self.up.with_default_queue(rtt_ms), down=self.down.with_default_queue(rtt_ms)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict ``{"up": {...}, "down": {...}}`` (for result metadata)."""

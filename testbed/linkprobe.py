@@ -61,15 +61,16 @@ def echo(port: int) -> None:
         kind, seq, t_ns, _ = HDR.unpack_from(data)
         if kind == PROBE:
             count += 1
-            s.sendto(HDR.pack(REPLY, seq, t_ns, count) + data[HDR.size:], addr)
+            s.sendto(HDR.pack(REPLY, seq, t_ns, count) + data[HDR.size :], addr)
         elif kind == WARM:
-            s.sendto(HDR.pack(WARM, seq, t_ns, count) + data[HDR.size:], addr)
+            s.sendto(HDR.pack(WARM, seq, t_ns, count) + data[HDR.size :], addr)
         elif kind == COUNT_REQ:
             s.sendto(HDR.pack(COUNT_REPLY, seq, t_ns, count), addr)
 
 
-def ping(dst: str, port: int, count: int, interval_s: float, size: int, warmup: int,
-         timeout_s: float) -> dict[str, object]:
+def ping(
+    dst: str, port: int, count: int, interval_s: float, size: int, warmup: int, timeout_s: float
+) -> dict[str, object]:
     """Send ``count`` probes every ``interval_s`` s (after ``warmup`` uncounted ones),
     collect replies for 4 x the slowest RTT seen (0.25 s to ``timeout_s``) after the last,
     then ask the server how many probes it received."""
@@ -126,8 +127,14 @@ def ping(dst: str, port: int, count: int, interval_s: float, size: int, warmup: 
                 server_rx, got = rx, True
         if got:
             break
-    return {"sent": count, "server_rx": server_rx, "received": len(rtts),
-            "lost_up": count - server_rx, "lost_down": server_rx - len(rtts), "rtt_us": rtts}
+    return {
+        "sent": count,
+        "server_rx": server_rx,
+        "received": len(rtts),
+        "lost_up": count - server_rx,
+        "lost_down": server_rx - len(rtts),
+        "rtt_us": rtts,
+    }
 
 
 def _checksum(data: bytes) -> int:
@@ -139,8 +146,9 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def icmp_ping(dst: str, count: int, interval_s: float, size: int, warmup: int,
-              timeout_s: float) -> dict[str, object]:
+def icmp_ping(
+    dst: str, count: int, interval_s: float, size: int, warmup: int, timeout_s: float
+) -> dict[str, object]:
     """Like :func:`ping`, with ICMP echo (the kernel of ``dst`` answers, no process
     there): ``count`` requests of ``size`` payload bytes (56 = ping's 98-byte frames).
     Needs CAP_NET_RAW. Loss is counted for the round trip only."""
@@ -206,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=2.0, help="s to wait after the last")
     p.add_argument("--rt-priority", type=int, default=0)
-    p.add_argument("--icmp", action="store_true",
-                   help="ICMP echo (kernel answers; no echo server, no per-direction loss)")
+    p.add_argument(
+        "--icmp",
+        action="store_true",
+        help="ICMP echo (kernel answers; no echo server, no per-direction loss)",
+    )
     o = ap.parse_args(argv)
     _realtime(o.rt_priority)
     if o.mode == "echo":

@@ -48,6 +48,7 @@ def state_dir() -> Path:
 
 # --------------------------------------------------------------------------- /proc helpers
 
+
 def proc_start_time(pid: int) -> int | None:
     """Start time of process ``pid`` in clock ticks since boot (/proc/PID/stat field 22),
     or None if there is no such process. Together with the PID it names a process
@@ -58,7 +59,7 @@ def proc_start_time(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # comm (field 2) may contain spaces and ')': split after the last ')'
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     if fields[0] == b"Z":  # zombie: already dead, only waiting to be reaped
         return None
     return int(fields[19])
@@ -104,6 +105,7 @@ def max_ifindex() -> int:
 
 
 # --------------------------------------------------------------------------- records
+
 
 @dataclass(frozen=True)
 class ProcRecord:
@@ -182,10 +184,15 @@ def read_state(path: Path) -> StateRecords:
             elif kind in ("link", "bridge"):
                 key = (kind, r["name"], r.get("netns_pid"))
                 old = links.get(key)
-                new = LinkRecord(name=r["name"], kind=kind, ifindex=r.get("ifindex"),
-                                 after_ifindex=r.get("after_ifindex", 0),
-                                 netns_pid=r.get("netns_pid"), netns_start=r.get("netns_start"),
-                                 role=r.get("role", ""))
+                new = LinkRecord(
+                    name=r["name"],
+                    kind=kind,
+                    ifindex=r.get("ifindex"),
+                    after_ifindex=r.get("after_ifindex", 0),
+                    netns_pid=r.get("netns_pid"),
+                    netns_start=r.get("netns_start"),
+                    role=r.get("role", ""),
+                )
                 if old is not None and new.ifindex is None:
                     new.ifindex = old.ifindex
                 if old is not None and not new.after_ifindex:
@@ -193,7 +200,8 @@ def read_state(path: Path) -> StateRecords:
                 links[key] = new
             elif kind == "netns":
                 rec.netns_records.append(
-                    NetnsRecord(r["pid"], r["start"], r["inode"], r.get("role", "")))
+                    NetnsRecord(r["pid"], r["start"], r["inode"], r.get("role", ""))
+                )
             elif kind == "named_netns":
                 rec.named_netns.append(r["name"])
     rec.processes = list(procs.values())
@@ -213,7 +221,8 @@ class StateFile:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
 
     @classmethod
     def create(cls, label: str = "net", directory: Path | None = None) -> StateFile:
@@ -224,8 +233,16 @@ class StateFile:
         pid = os.getpid()
         name = f"run-{pid}-{next(_counter)}-{secrets.token_hex(2)}{STATE_SUFFIX}"
         sf = cls(directory / name)
-        sf._append({"kind": "owner", "pid": pid, "start": proc_start_time(pid),
-                    "netns": netns_inode(), "label": label, "time": time.time()})
+        sf._append(
+            {
+                "kind": "owner",
+                "pid": pid,
+                "start": proc_start_time(pid),
+                "netns": netns_inode(),
+                "label": label,
+                "time": time.time(),
+            }
+        )
         return sf
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -244,8 +261,15 @@ class StateFile:
         self._append({"kind": "process", "pid": pid, "start": start, "role": role})
         return ProcRecord(pid, start, role)
 
-    def record_link(self, name: str, *, ifindex: int | None = None, kind: str = "link",
-                    netns_pid: int | None = None, role: str = "") -> None:
+    def record_link(
+        self,
+        name: str,
+        *,
+        ifindex: int | None = None,
+        kind: str = "link",
+        netns_pid: int | None = None,
+        role: str = "",
+    ) -> None:
         """Record a device: call once with ``ifindex=None`` before creating it (in the
         state file's namespace, that also stores the current highest ifindex), and again
         with its ifindex once it exists. ``netns_pid``: a process in the namespace that
@@ -270,8 +294,7 @@ class StateFile:
         inode = netns_inode(pid)
         if start is None or inode is None:
             raise ProcessLookupError(f"process {pid} ({role}) is not running")
-        self._append({"kind": "netns", "pid": pid, "start": start, "inode": inode,
-                      "role": role})
+        self._append({"kind": "netns", "pid": pid, "start": start, "inode": inode, "role": role})
         return NetnsRecord(pid, start, inode, role)
 
     def record_named_netns(self, name: str) -> None:
@@ -297,6 +320,7 @@ class StateFile:
 
 
 # --------------------------------------------------------------------------- cleanup
+
 
 @dataclass
 class CleanupReport:
@@ -348,8 +372,13 @@ def _device_is_ours(rec: LinkRecord) -> bool:
     return idx > rec.after_ifindex > 0
 
 
-def cleanup_file(path: Path, *, include_live: bool = False, timeout_s: float = 2.0,
-                 report: CleanupReport | None = None) -> CleanupReport:
+def cleanup_file(
+    path: Path,
+    *,
+    include_live: bool = False,
+    timeout_s: float = 2.0,
+    report: CleanupReport | None = None,
+) -> CleanupReport:
     """Remove what one state file lists (see :func:`cleanup_recorded`)."""
     report = report if report is not None else CleanupReport()
     rec = read_state(path)
@@ -384,7 +413,8 @@ def cleanup_file(path: Path, *, include_live: bool = False, timeout_s: float = 2
         subprocess.run(["ip", "link", "del", "dev", link.name], capture_output=True, check=False)
         if link_ifindex(link.name) is None:
             (report.deleted_bridges if link.kind == "bridge" else report.deleted_links).append(
-                link.name)
+                link.name
+            )
         else:
             report.left.append(f"{link.kind} {link.name}: could not delete")
     # 3. Host shells, switch shells and everything else recorded or inside host namespaces.
@@ -407,9 +437,13 @@ def cleanup_file(path: Path, *, include_live: bool = False, timeout_s: float = 2
     return report
 
 
-def cleanup_recorded(directory: Path | None = None, *, include_live: bool = False,
-                     paths: Iterable[Path] | None = None,
-                     timeout_s: float = 2.0) -> CleanupReport:
+def cleanup_recorded(
+    directory: Path | None = None,
+    *,
+    include_live: bool = False,
+    paths: Iterable[Path] | None = None,
+    timeout_s: float = 2.0,
+) -> CleanupReport:
     """Remove everything listed in the state files of ``directory`` (default
     :func:`state_dir`), or in ``paths`` only.
 

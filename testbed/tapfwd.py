@@ -116,8 +116,11 @@ def open_tap(name: str, gso_segs: int, txqueuelen: int) -> tuple[int, int]:
         offload = TUN_F_CSUM | (TUN_F_TSO4 | TUN_F_TSO6 if gso_segs > 1 else 0)
         fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
         if 1 < gso_segs < 65535:  # netlink only; `ip` runs in our current namespace
-            subprocess.run(["ip", "link", "set", "dev", name, "gso_max_segs", str(gso_segs)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["ip", "link", "set", "dev", name, "gso_max_segs", str(gso_segs)],
+                check=True,
+                capture_output=True,
+            )
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             ifreq = struct.pack("16si20x", name.encode(), txqueuelen)
             fcntl.ioctl(s.fileno(), SIOCSIFTXQLEN, ifreq)
@@ -163,11 +166,32 @@ class Direction:
     ``loss`` as a probability, ``qlimit`` in packets (MTU-sized segments).
     """
 
-    __slots__ = ("backlog", "busy_until", "delay", "dst", "jitter", "last_dep", "loss",
-                 "qlimit", "queued", "rate_bps", "rng", "segs", "stats")
+    __slots__ = (
+        "backlog",
+        "busy_until",
+        "delay",
+        "dst",
+        "jitter",
+        "last_dep",
+        "loss",
+        "qlimit",
+        "queued",
+        "rate_bps",
+        "rng",
+        "segs",
+        "stats",
+    )
 
-    def __init__(self, dst: int, rate_bps: float, delay_s: float, jitter_s: float,
-                 loss: float, qlimit: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        dst: int,
+        rate_bps: float,
+        delay_s: float,
+        jitter_s: float,
+        loss: float,
+        qlimit: int,
+        rng: random.Random,
+    ) -> None:
         self.dst = dst
         self.rate_bps, self.delay, self.jitter = rate_bps, delay_s, jitter_s
         self.loss, self.qlimit, self.rng = loss, qlimit, rng
@@ -176,8 +200,16 @@ class Direction:
         self.segs = 0  # packets whose serialisation has not ended yet
         self.busy_until = 0.0
         self.last_dep = 0.0
-        self.stats = {"rx": 0, "tx": 0, "lost": 0, "qdrop": 0, "txerr": 0,
-                      "rx_bytes": 0, "tx_bytes": 0, "max_queue": 0}
+        self.stats = {
+            "rx": 0,
+            "tx": 0,
+            "lost": 0,
+            "qdrop": 0,
+            "txerr": 0,
+            "rx_bytes": 0,
+            "tx_bytes": 0,
+            "max_queue": 0,
+        }
 
     @staticmethod
     def wire(frame: bytes) -> tuple[int, int]:
@@ -246,8 +278,9 @@ class Direction:
         return q[0][0] if q else None
 
 
-def run(fd_a: int, fd_b: int, ab: Direction, ba: Direction, early_s: float,
-        adaptive: bool = True) -> None:
+def run(
+    fd_a: int, fd_b: int, ab: Direction, ba: Direction, early_s: float, adaptive: bool = True
+) -> None:
     """Forward until a signal or a vanished device.
 
     Frames are released ``early_s`` + (if ``adaptive``) the measured mean wake-up
@@ -304,18 +337,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.add_argument(f"--jitter-{d}", type=float, default=0.0, help=f"{text} +- jitter, ms")
         ap.add_argument(f"--loss-{d}", type=float, default=0.0, help=f"{text} loss, percent")
         ap.add_argument(f"--queue-{d}", type=int, default=1000, help=f"{text} queue, packets")
-    ap.add_argument("--gso-segs-a", type=int, default=1,
-                    help="segments per frame read from A: 1 = single frames, N = GSO "
-                         "super-frames of <= N segments (TSO), 65535 = no cap")
+    ap.add_argument(
+        "--gso-segs-a",
+        type=int,
+        default=1,
+        help="segments per frame read from A: 1 = single frames, N = GSO "
+        "super-frames of <= N segments (TSO), 65535 = no cap",
+    )
     ap.add_argument("--gso-segs-b", type=int, default=1, help="the same for B")
     ap.add_argument("--txqueuelen", type=int, default=10000, help="TAP ring size, packets")
-    ap.add_argument("--early-us", type=float, default=0.0,
-                    help="release frames this many microseconds early (on top of the "
-                         "measured wake-up lateness)")
-    ap.add_argument("--no-adaptive", action="store_true",
-                    help="do not compensate the measured wake-up lateness")
-    ap.add_argument("--rt-priority", type=int, default=0,
-                    help="run SCHED_FIFO at this priority (1-99; 0 = normal scheduling)")
+    ap.add_argument(
+        "--early-us",
+        type=float,
+        default=0.0,
+        help="release frames this many microseconds early (on top of the "
+        "measured wake-up lateness)",
+    )
+    ap.add_argument(
+        "--no-adaptive", action="store_true", help="do not compensate the measured wake-up lateness"
+    )
+    ap.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        help="run SCHED_FIFO at this priority (1-99; 0 = normal scheduling)",
+    )
     ap.add_argument("--parent", type=int, default=0, help="exit at once if not our parent")
     ap.add_argument("--seed", type=int, default=None, help="seed for loss and jitter")
     ap.add_argument("--stats", default=None, help="write JSON counters here on exit")
@@ -342,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         fds: list[int] = []
         ifindex: list[int] = []
-        for name, pid, segs in ((o.name_a, o.netns_a, o.gso_segs_a),
-                                (o.name_b, o.netns_b, o.gso_segs_b)):
+        for name, pid, segs in (
+            (o.name_a, o.netns_a, o.gso_segs_a),
+            (o.name_b, o.netns_b, o.gso_segs_b),
+        ):
             if pid:
                 ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -362,10 +410,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {o.name_a}<->{o.name_b}: {exc}", flush=True)
         return 1
     rng = random.Random(o.seed)
-    ab = Direction(fds[1], o.bw_ab * 1e6, o.delay_ab / 1e3, o.jitter_ab / 1e3,
-                   o.loss_ab / 100.0, o.queue_ab, rng)
-    ba = Direction(fds[0], o.bw_ba * 1e6, o.delay_ba / 1e3, o.jitter_ba / 1e3,
-                   o.loss_ba / 100.0, o.queue_ba, rng)
+    ab = Direction(
+        fds[1],
+        o.bw_ab * 1e6,
+        o.delay_ab / 1e3,
+        o.jitter_ab / 1e3,
+        o.loss_ab / 100.0,
+        o.queue_ab,
+        rng,
+    )
+    ba = Direction(
+        fds[0],
+        o.bw_ba * 1e6,
+        o.delay_ba / 1e3,
+        o.jitter_ba / 1e3,
+        o.loss_ba / 100.0,
+        o.queue_ba,
+        rng,
+    )
     try:
         print(f"READY {os.getpid()} {ifindex[0]} {ifindex[1]}", flush=True)
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -16,14 +16,18 @@ from testbed.tapfwd import VNET_HDR_LEN, Direction, header_len
 PLAIN = bytes(VNET_HDR_LEN)  # virtio_net_hdr of a plain (non-GSO) frame
 
 
-def tcp_frame(payload: int, *, gso_size: int = 0, ipv6: bool = False,
-              vnet_hdr_len: int = 0) -> bytes:
+def tcp_frame(
+    payload: int, *, gso_size: int = 0, ipv6: bool = False, vnet_hdr_len: int = 0
+) -> bytes:
     """A virtio header + Ethernet + IPv4/IPv6 + TCP (32-byte header) frame."""
     gso_type = (4 if ipv6 else 1) if gso_size else 0
     vnet = struct.pack("<BBHHHH", 1, gso_type, vnet_hdr_len, gso_size, 0, 0)
     eth = bytes(12) + (b"\x86\xdd" if ipv6 else b"\x08\x00")
-    ip = (bytes([0x60]) + bytes(5) + b"\x06" + bytes(33)) if ipv6 else \
-        (bytes([0x45]) + bytes(8) + b"\x06" + bytes(10))
+    ip = (
+        (bytes([0x60]) + bytes(5) + b"\x06" + bytes(33))
+        if ipv6
+        else (bytes([0x45]) + bytes(8) + b"\x06" + bytes(10))
+    )
     tcp = bytes(12) + bytes([8 << 4]) + bytes(19)
     return vnet + eth + ip + tcp + bytes(payload)
 
@@ -101,8 +105,10 @@ def test_jitter_never_reorders(sink: int) -> None:
     for i in range(2000):
         d.arrive(PLAIN + bytes(60), now=i * 1e-3)
     deps = [t - i * 1e-3 for i, (t, _) in enumerate(d.queued)]
-    assert all(b >= a for a, b in zip([t for t, _ in d.queued],
-                                      [t for t, _ in list(d.queued)[1:]], strict=False))
+    assert all(
+        b >= a
+        for a, b in zip([t for t, _ in d.queued], [t for t, _ in list(d.queued)[1:]], strict=False)
+    )
     assert min(deps) >= 0.015 - 1e-9 and max(deps) <= 0.025 + 1e-9
     assert 0.019 < sum(deps) / len(deps) < 0.022  # FIFO clamp biases the mean up a little
 

@@ -123,6 +123,7 @@ def _assert_gone(rec: StateRecords) -> None:
 
 # --------------------------------------------------------------------------- accuracy
 
+
 @pytest.mark.parametrize("host", ["a", "b"])
 def test_rtt_and_goodput_match_configuration(star: EmuNet, host: str) -> None:
     """(5 Mbit/s, 30 ms) and (50 Mbit/s, 5 ms): RTT within max(0.5 ms, 3 %), goodput
@@ -171,6 +172,7 @@ def test_rtt_methods_agree(star: EmuNet) -> None:
 
 # --------------------------------------------------------------------------- settings
 
+
 def test_tcp_settings_are_pinned_in_every_host(star: EmuNet) -> None:
     want = {"net.ipv4.tcp_congestion_control": "bbr", "net.ipv4.tcp_slow_start_after_idle": "0"}
     assert set(star.tcp) == {h.name for h in star.net.hosts}
@@ -180,8 +182,12 @@ def test_tcp_settings_are_pinned_in_every_host(star: EmuNet) -> None:
     try:
         # a namespace may only choose one of the root's tcp_allowed_congestion_control
         got = configure_tcp([a], TcpSettings("reno", 1))
-        assert got == {"a": {"net.ipv4.tcp_congestion_control": "reno",
-                             "net.ipv4.tcp_slow_start_after_idle": "1"}}
+        assert got == {
+            "a": {
+                "net.ipv4.tcp_congestion_control": "reno",
+                "net.ipv4.tcp_slow_start_after_idle": "1",
+            }
+        }
         with pytest.raises(TcpConfigError, match="host a"):
             configure_tcp([a], TcpSettings("no-such-cc"))
     finally:
@@ -210,22 +216,26 @@ def test_everything_created_is_recorded(star: EmuNet) -> None:
         assert sum(r.startswith("forwarder ") for r in roles) == len(star.net.links)
     assert len(rec.netns_records) == len(star.net.hosts)
     bridge = star.net["s1"].bridge_name
-    assert [(r.name, r.ifindex) for r in rec.links if r.kind == "bridge"] == \
-        [(bridge, link_ifindex(bridge))]
+    assert [(r.name, r.ifindex) for r in rec.links if r.kind == "bridge"] == [
+        (bridge, link_ifindex(bridge))
+    ]
     for link in star.net.links:
         for intf in (link.intf1, link.intf2):
             if not intf.node.inNamespace:  # switch ports: tagged and recorded with ifindex
                 assert intf.name.startswith(bridge)
-                assert any(r.name == intf.name and r.ifindex == link_ifindex(intf.name)
-                           for r in rec.links)
+                assert any(
+                    r.name == intf.name and r.ifindex == link_ifindex(intf.name) for r in rec.links
+                )
 
 
 # --------------------------------------------------------------------------- teardown
 
+
 def test_normal_run_leaves_nothing() -> None:
     before = _root_names()
-    emu = build_net(Star(names=("w1", "w2")), {"w1": {"bw": 10, "delay": "2ms"}},
-                    label="test-normal")
+    emu = build_net(
+        Star(names=("w1", "w2")), {"w1": {"bw": 10, "delay": "2ms"}}, label="test-normal"
+    )
     rec = read_state(emu.state.path)
     assert emu.net.ping([emu.net["w1"], emu.net["srv"]], timeout="2") == 0.0
     report = emu.teardown()
@@ -265,8 +275,13 @@ def _child_env() -> dict[str, str]:
 def test_crash_then_cleanup_recorded() -> None:
     """SIGKILL a process that built a net; cleanup_recorded() removes exactly what it
     recorded; a new net builds fine afterwards."""
-    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, cwd=REPO, env=_child_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASH_CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=_child_env(),
+    )
     try:
         assert child.stdout is not None
         line = child.stdout.readline().decode()
@@ -309,14 +324,21 @@ print(json.dumps({"state": str(emu.state.path), "bridge": emu.net["s1"].bridge_n
 
 
 def test_forgotten_teardown_is_cleaned_at_exit() -> None:
-    out = subprocess.run([sys.executable, "-c", FORGETFUL_CHILD], capture_output=True,
-                         cwd=REPO, env=_child_env(), timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FORGETFUL_CHILD],
+        capture_output=True,
+        cwd=REPO,
+        env=_child_env(),
+        timeout=60,
+        check=True,
+    ).stdout
     info = json.loads(out.decode().strip().splitlines()[-1])
     assert not Path(info["state"]).exists()
     assert link_ifindex(info["bridge"]) is None
 
 
 # --------------------------------------------------------------------------- tc backend
+
 
 def test_tc_backend_refuses_what_the_kernel_cannot_do() -> None:
     if netem_available():
@@ -333,8 +355,7 @@ def test_tc_backend_rate_and_queue() -> None:
         assert emu.backend == "tc"
         qdiscs = emu.net["w1"].cmd("tc qdisc show dev w1-eth0")
         assert "htb" in qdiscs and "limit 64p" in qdiscs
-        g = measure_goodput(emu.net["w1"], emu.net["srv"], duration_s=1.5, warmup_s=0.5,
-                            emu=emu)
+        g = measure_goodput(emu.net["w1"], emu.net["srv"], duration_s=1.5, warmup_s=0.5, emu=emu)
         assert 0.90 * 20 <= g.mbit <= 20
     finally:
         assert emu.teardown().clean

@@ -22,15 +22,26 @@ from testbed.linkparams import (
 
 @pytest.mark.parametrize(
     ("value", "ms"),
-    [("20ms", 20.0), ("500us", 0.5), ("0.1s", 100.0), ("1.5 msec", 1.5), ("20", 20.0),
-     (20, 20.0), (2.5, 2.5), (0, 0.0), (None, 0.0), ("1e3us", 1.0)],
+    [
+        ("20ms", 20.0),
+        ("500us", 0.5),
+        ("0.1s", 100.0),
+        ("1.5 msec", 1.5),
+        ("20", 20.0),
+        (20, 20.0),
+        (2.5, 2.5),
+        (0, 0.0),
+        (None, 0.0),
+        ("1e3us", 1.0),
+    ],
 )
 def test_parse_time_ms(value: object, ms: float) -> None:
     assert parse_time_ms(value) == pytest.approx(ms)
 
 
-@pytest.mark.parametrize("value", ["20 mss", "abc", "", "ms", "-5ms", -1, float("nan"),
-                                   float("inf"), True, [20]])
+@pytest.mark.parametrize(
+    "value", ["20 mss", "abc", "", "ms", "-5ms", -1, float("nan"), float("inf"), True, [20]]
+)
 def test_parse_time_ms_rejects(value: object) -> None:
     with pytest.raises(LinkParamError, match="delay"):
         parse_time_ms(value, where="link w1 (up)")
@@ -86,8 +97,9 @@ def test_bdp_and_default_queue() -> None:
 
 
 def test_link_spec_per_direction() -> None:
-    spec = LinkSpec.from_options({"delay": "10ms", "loss": 1, "up": {"bw": 10},
-                                  "down": {"bw": 50, "loss": 0}}, where="w1")
+    spec = LinkSpec.from_options(
+        {"delay": "10ms", "loss": 1, "up": {"bw": 10}, "down": {"bw": 50, "loss": 0}}, where="w1"
+    )
     assert spec.up == DirectionParams(bw_mbit=10, delay_ms=10, loss_pct=1)
     assert spec.down == DirectionParams(bw_mbit=50, delay_ms=10, loss_pct=0)
     assert spec.rtt_ms == 20.0  # one-way delay per direction
@@ -105,8 +117,10 @@ def test_link_spec_rejects_unknown_keys() -> None:
 
 
 def test_default_queues_fill_only_unset() -> None:
-    spec = LinkSpec(up=DirectionParams(bw_mbit=100, delay_ms=50),
-                    down=DirectionParams(bw_mbit=100, delay_ms=50, max_queue_size=10))
+    spec = LinkSpec(
+        up=DirectionParams(bw_mbit=100, delay_ms=50),
+        down=DirectionParams(bw_mbit=100, delay_ms=50, max_queue_size=10),
+    )
     full = spec.with_default_queues()
     assert full.up.max_queue_size == default_queue_packets(100, 100)
     assert full.down.max_queue_size == 10
@@ -114,10 +128,14 @@ def test_default_queues_fill_only_unset() -> None:
 
 
 def test_options_round_trip() -> None:
-    d = DirectionParams(bw_mbit=12.5, delay_ms=0.25, jitter_ms=1, loss_pct=0.5,
-                        max_queue_size=77)
-    assert d.to_options() == {"bw": 12.5, "delay": "0.25ms", "jitter": "1ms", "loss": 0.5,
-                              "max_queue_size": 77}
+    d = DirectionParams(bw_mbit=12.5, delay_ms=0.25, jitter_ms=1, loss_pct=0.5, max_queue_size=77)
+    assert d.to_options() == {
+        "bw": 12.5,
+        "delay": "0.25ms",
+        "jitter": "1ms",
+        "loss": 0.5,
+        "max_queue_size": 77,
+    }
     assert DirectionParams.from_options(d.to_options()) == d
     assert DirectionParams().to_options() == {}
 

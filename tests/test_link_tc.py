@@ -52,8 +52,10 @@ def test_netem_delay_loss_and_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("htb rate 10.000000Mbit" in c for c in lines)
     netem = [c for c in lines if "netem" in c]
     # 100 waiting + 10 Mbit/s x 21 ms in the delay line (17.3 -> 17) + 1
-    assert netem == ["tc qdisc add dev w1-eth0  parent 5:1  handle 10: netem "
-                     "delay 20ms 1ms loss 2.00000 limit 118"]
+    assert netem == [
+        "tc qdisc add dev w1-eth0  parent 5:1  handle 10: netem "
+        "delay 20ms 1ms loss 2.00000 limit 118"
+    ]
 
 
 def test_rate_only_uses_pfifo(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,8 +96,17 @@ def test_cleanup_after_crash_kills_only_verified(tmp_path: Path) -> None:
         start = proc_start_time(bystander.pid)
         assert start is not None
         with open(sf.path, "a", encoding="utf-8") as f:  # same PID, other start: not ours
-            f.write(json.dumps({"kind": "process", "pid": bystander.pid, "start": start - 1,
-                                "role": "recycled"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "process",
+                        "pid": bystander.pid,
+                        "start": start - 1,
+                        "role": "recycled",
+                    }
+                )
+                + "\n"
+            )
         sf.record_link("sf-none-1")  # never created
         sf.close()
         report = cleanup_recorded(tmp_path)
