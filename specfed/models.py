@@ -161,7 +161,11 @@ def wrap_model(name: str, model: Any, tokenizer: Any) -> LoadedModel:
 
 
 def probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
-    """softmax(logits / T) in fp32 as a numpy array; T = 0 (greedy) uses T = 1.
+    """softmax(logits / T) as float32 numpy; T = 0 (greedy) uses T = 1.
+
+    The softmax runs in float64 and is rounded once to float32: a float32 softmax over
+    |V| = 151,936 leaves row sums off by up to ~7e-5, as large as the top-K bias at
+    K/|V| = 10 %; this way rows sum to 1 within ~1e-8 (+0.9 ms per 5 rows here).
 
     Args:
         logits: [positions, V] in any float dtype.
@@ -169,7 +173,7 @@ def probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
         [positions, V] float32, rows sum to 1.
     """
     t = temperature if temperature > 0 else 1.0
-    return torch.softmax(logits.float() / t, dim=-1).numpy()
+    return torch.softmax(logits.double() / t, dim=-1).float().numpy()
 
 
 class KVSession:
