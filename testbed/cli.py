@@ -29,7 +29,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for f in args.files:
         r = check_file(f)
-        if r.ok:
+        if r.ok and r.message != "ok":
+            print(f"ok    {f}: {r.message}")
+        elif r.ok:
             print(f"ok    {f}: {r.points} points in {r.groups} network group(s)")
         else:
             bad += 1

@@ -483,6 +483,15 @@ def _tclink(link: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_study(path: Path) -> bool:
+    """Study files (analysis/paper.py) have a top-level `study:` section; scenarios never."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, Mapping) and "study" in raw
+
+
 @dataclass
 class ValidationReport:
     """What `testbed validate` prints per file."""
@@ -501,6 +510,16 @@ def check_file(path: str | Path) -> ValidationReport:
     from topologies import TopologyError, load_topology
 
     p = Path(path)
+    if _is_study(p):  # a distribution-level study file (analysis.paper), not a network run
+        from analysis.paper import StudyConfigError, load_study
+
+        try:
+            load_study(p)
+        except StudyConfigError as exc:
+            return ValidationReport(p, False, str(exc))
+        return ValidationReport(
+            p, True, "ok (distribution-level study: python -m analysis.paper FILE)"
+        )
     try:
         sc = load_scenario(p)
         points = expand(sc, 1)
