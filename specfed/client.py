@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from specfed import wire
 from specfed.engine import VerifyReply, VerifyRequest, WorkerLost
 from specfed.models import HasVocabulary, ModelError
 from specfed.wire import Connection, ErrorCode, MsgType, WireError
+
+T = TypeVar("T")
 
 
 class RemoteWorker:
@@ -70,43 +73,44 @@ class RemoteWorker:
         self.vocab_size = peer.vocab_size
         self.fingerprint = peer.fingerprint
 
-    def verify(self, request: VerifyRequest) -> VerifyReply:
-        """One VERIFY exchange; bytes_up/bytes_down are whole frames as sent and received."""
+    def _exchange(
+        self, kind: MsgType, body: bytes, expect: MsgType, decode: Callable[[bytes], T]
+    ) -> tuple[T, int, int, float]:
+        """Send one frame and decode the reply of type `expect`.
+
+        Returns (decoded reply, bytes sent, bytes received, ms spent sending). Any failure
+        (timeout, reset, protocol error, an ERROR frame from the worker) closes the
+        connection and raises WorkerLost.
+        """
         try:
             t0 = time.perf_counter()
-            n_down = self.conn.send(MsgType.VERIFY, wire.encode_verify(request))
+            n_down = self.conn.send(kind, body)
             t_send_ms = (time.perf_counter() - t0) * 1e3
-            kind, body, n_up = self.conn.recv(time.monotonic() + self.round_timeout_s)
-            if kind == MsgType.ERROR:
-                code, msg = wire.decode_error(body)
-                raise WorkerLost(self.name, f"worker error {code}: {msg}")
-            if kind != MsgType.VERIFY_REPLY:
-                raise WireError(f"expected VERIFY_REPLY, got {kind.name}")
-            reply = wire.decode_reply(body)
-        except (OSError, WireError) as exc:  # includes timeouts and resets
+            got, reply, n_up = self.conn.recv(time.monotonic() + self.round_timeout_s)
+            if got == MsgType.ERROR:
+                code, msg = wire.decode_error(reply)
+                raise WireError(f"worker error {code}: {msg}")
+            if got != expect:
+                raise WireError(f"expected {expect.name}, got {got.name}")
+            return decode(reply), n_down, n_up, t_send_ms
+        except (OSError, WireError) as exc:  # OSError includes timeouts and resets
             self.close()
             raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
-        except WorkerLost:
-            self.close()
-            raise
+
+    def verify(self, request: VerifyRequest) -> VerifyReply:
+        """One VERIFY exchange; bytes_up/bytes_down are whole frames as sent and received."""
+        reply, n_down, n_up, t_send_ms = self._exchange(
+            MsgType.VERIFY, wire.encode_verify(request), MsgType.VERIFY_REPLY, wire.decode_reply
+        )
         return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
 
     def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:
         """p_i(x_t) of the generated tokens, from the worker (a SCORE exchange)."""
-        try:
-            self.conn.send(
-                MsgType.SCORE, wire.encode_score("score", sequence, n_context, temperature)
-            )
-            kind, body, _ = self.conn.recv(time.monotonic() + self.round_timeout_s)
-            if kind == MsgType.ERROR:
-                code, msg = wire.decode_error(body)
-                raise WorkerLost(self.name, f"worker error {code}: {msg}")
-            if kind != MsgType.SCORE_REPLY:
-                raise WireError(f"expected SCORE_REPLY, got {kind.name}")
-            return wire.decode_score_reply(body)
-        except (OSError, WireError) as exc:
-            self.close()
-            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
+        body = wire.encode_score("score", sequence, n_context, temperature)
+        probs, _, _, _ = self._exchange(
+            MsgType.SCORE, body, MsgType.SCORE_REPLY, wire.decode_score_reply
+        )
+        return probs
 
     def end(self, request_id: str) -> None:
         """Tell the worker to free the request's KV cache (best effort, no reply)."""

@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from tabulate import tabulate
+
 ROUND_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", "transmission",
     "k", "reconstruction", "gamma", "temperature", "n_drafted", "n_accepted", "n_emitted",
@@ -65,3 +68,21 @@ def _cell(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return " ".join(str(x) for x in v)
     return v
+
+
+def summary_table(requests: pd.DataFrame, by: Sequence[str]) -> str:
+    """Per-configuration means of the requests table (ms per token, ttft in ms, acceptance,
+    tokens per round, bytes per token), grouped by the columns `by`, as a markdown table."""
+    table = (
+        requests.groupby(list(by), dropna=False, sort=False)
+        .agg(
+            requests=("request_id", "count"),
+            ms_per_token=("ms_per_token", "mean"),
+            ttft_ms=("ttft_ms", "mean"),
+            acceptance=("acceptance", "mean"),
+            tokens_per_round=("tokens_per_round", "mean"),
+            bytes_per_token=("bytes_per_token", "mean"),
+        )
+        .reset_index()
+    )
+    return tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github", showindex=False)

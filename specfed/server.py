@@ -31,10 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-from tabulate import tabulate
 
 from specfed import wire
 from specfed.client import RemoteWorker
@@ -49,7 +47,7 @@ from specfed.engine import (
 from specfed.models import ModelError, load_model
 from specfed.prompts import PromptError, load_prompts
 from specfed.reconstruct import RECONSTRUCTIONS
-from specfed.records import REQUEST_COLUMNS, ROUND_COLUMNS, Table
+from specfed.records import REQUEST_COLUMNS, ROUND_COLUMNS, Table, summary_table
 from specfed.worker import parse_addr
 
 log = logging.getLogger("specfed.server")
@@ -435,21 +433,7 @@ def _request_row(res: GenerationResult, keys: dict[str, Any], seed: int) -> dict
 
 
 def _print_summary(results: list[dict[str, Any]]) -> None:
-    df = pd.DataFrame(results)
-    table = (
-        df.groupby("label", sort=False)
-        .agg(
-            requests=("request_id", "count"),
-            ms_per_token=("ms_per_token", "mean"),
-            ttft_ms=("ttft_ms", "mean"),
-            acceptance=("acceptance", "mean"),
-            tokens_per_round=("tokens_per_round", "mean"),
-            bytes_per_token=("bytes_per_token", "mean"),
-        )
-        .reset_index()
-    )
-    table["acceptance"] = table["acceptance"].astype(float).replace(np.nan, None)
-    print(tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github", showindex=False))
+    print(summary_table(pd.DataFrame(results), ["label"]))
 
 
 if __name__ == "__main__":

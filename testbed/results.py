@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from tabulate import tabulate
+
+from specfed import records
 
 KEYS = ["transmission", "k", "reconstruction", "gamma", "temperature"]
 
@@ -26,18 +27,6 @@ def summary_table(run_dir: Path) -> str:
         c for c in df.columns if c.endswith(("_bw_mbit", "_delay_ms")) and ok[c].nunique() > 1
     ]
     by = [c for c in KEYS if c in ok] + link_cols
-    table = (
-        ok.groupby(by, dropna=False, sort=False)
-        .agg(
-            requests=("request_id", "count"),
-            ms_per_token=("ms_per_token", "mean"),
-            ttft_ms=("ttft_ms", "mean"),
-            acceptance=("acceptance", "mean"),
-            tokens_per_round=("tokens_per_round", "mean"),
-            bytes_per_token=("bytes_per_token", "mean"),
-        )
-        .reset_index()
-    )
+    text = records.summary_table(ok, by)
     failed = len(df) - len(ok)
-    text = tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github", showindex=False)
     return text + (f"\n{failed} request(s) failed: see events.jsonl" if failed else "")
