@@ -378,6 +378,28 @@ def bound(data: Data, rounds: pd.DataFrame, path: Path) -> Path:
 # ----------------------------------------------------------------------------- compare
 
 
+def summary_bars(data: Data, summ: pd.DataFrame, path: Path) -> Path:
+    """Per configuration: ms per token (mean ± sd) and bytes per token (log scale), side by
+    side: the first thing to look at in a run that compares configurations."""
+    names = list(summ["config"])
+    x = np.arange(len(names))
+    colors = [data.styles[n].color if n in data.styles else "grey" for n in names]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8.0, 1.5 * len(names) + 3), 4.6))
+    a1.bar(x, summ["ms/token"], yerr=summ["ms/token sd"].fillna(0), color=colors,
+           edgecolor="black", capsize=3)  # fmt: skip
+    a1.set_ylabel("ms per token (mean ± sd)")
+    a1.set_title("Latency per generated token")
+    a2.bar(x, summ["bytes/token"], color=colors, edgecolor="black")
+    a2.set_yscale("log")
+    a2.set_ylabel("bytes per token, worker -> server (log)")
+    a2.set_title("Upstream bytes per generated token")
+    for ax in (a1, a2):
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def compare_bars(table: pd.DataFrame, styles: dict[str, Style], a: str, b: str, path: Path) -> Path:
     """ms per token (mean ± sd) per configuration, run A next to run B."""
     names = list(table["config"])

@@ -177,6 +177,8 @@ def write_report(paths: Sequence[Path], out: Path, argv: Sequence[str] | None = 
         w.notes.append(
             f"{failed} failed request(s) excluded from the statistics (see events.jsonl)"
         )
+    if len(summ) > 1:
+        w.plot(lambda p: plots.summary_bars(data, summ, p), "summary", "per configuration")
 
     # ------------------------------------------------------------------ 1
     w("## 1. Latency vs link bandwidth and delay", "")

@@ -23,7 +23,15 @@ import pytest
 from analysis.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "analysis-run"
-PLOTS = ("latency_vs_link", "breakdown", "bytes_vs_k", "acceptance_vs_k", "fidelity_vs_k", "bound")
+PLOTS = (
+    "summary",
+    "latency_vs_link",
+    "breakdown",
+    "bytes_vs_k",
+    "acceptance_vs_k",
+    "fidelity_vs_k",
+    "bound",
+)
 V = 8192  # tiny-v8192 models: 2-byte top-K indices, fp32 values
 
 
