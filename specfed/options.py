@@ -1,0 +1,97 @@
+"""The vocabulary of options: every choice a user or a peer can make, declared once.
+
+Each option is a `str` enum (so `Mode.TOPK == "topk"` and YAML / CSV / JSON carry the plain
+name). Options that travel on the wire have an explicit, documented wire code per member
+(docs/wire-protocol.md, "Option codes"); encoders write `member.code` and decoders read it
+with `from_code`, never a position in a list, so reordering members changes nothing on the
+wire. A test pins every code to the docs table.
+
+Adding a member is a change here (name, code, one-line meaning) plus what implements it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Self
+
+__all__ = ["LossPolicy", "Mode", "Reconstruction", "ValueDtype", "WireOption"]
+
+
+class WireOption(enum.StrEnum):
+    """A named option with an explicit wire code (`code`) and a one-line meaning (`doc`)."""
+
+    code: int
+    doc: str
+
+    def __new__(cls, value: str, code: int = 0, doc: str = "") -> Self:
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.code = code
+        obj.doc = doc
+        return obj
+
+    @classmethod
+    def from_code(cls, code: int) -> Self:
+        """The member with wire code `code`; ValueError naming the option if none has it."""
+        for member in cls:
+            if member.code == code:
+                return member
+        raise ValueError(f"unknown {cls.__name__} code {code} (known: {cls.codes()})")
+
+    @classmethod
+    def codes(cls) -> dict[int, str]:
+        """Wire code -> name, for messages and docs."""
+        return {m.code: m.value for m in cls}
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The member names as users write them."""
+        return [m.value for m in cls]
+
+    @classmethod
+    def parse(cls, value: Any, what: str | None = None) -> Self:
+        """A member from its name (or a member); ValueError listing the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"{what or cls.__name__}: unknown value {value!r}; use one of "
+                f"{', '.join(cls.names())}"
+            ) from None
+
+
+class Mode(WireOption):
+    """Transmission mode: which entries of p_i a worker sends. Code = the codec id byte."""
+
+    FULL = "full", 1, "all V probabilities per position"
+    TOPK = "topk", 2, "the K largest (index, probability) pairs per position"
+    ADAPTIVE = "adaptive", 3, "the smallest K whose kept mass reaches 1 - epsilon, capped at k"
+
+
+class Reconstruction(WireOption):
+    """How the server rebuilds p_hat_i from a sparse payload (docs/codecs.md)."""
+
+    RENORMALIZE = "renormalize", 1, "p_i / rho_i on the kept set, 0 elsewhere"
+    RESIDUAL_MASS = "residual-mass", 2, "kept entries as sent, eps_i spread uniformly"
+    DRAFT_GUIDED = "draft-guided", 3, "kept entries as sent, eps_i spread in proportion to q"
+
+
+class ValueDtype(WireOption):
+    """How probability values are written on the wire."""
+
+    FP32 = "fp32", 1, "IEEE binary32, 4 bytes"
+    FP16 = "fp16", 2, "IEEE binary16, 2 bytes"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per value."""
+        return {ValueDtype.FP32: 4, ValueDtype.FP16: 2}[self]
+
+
+class LossPolicy(enum.StrEnum):
+    """What the server does when a worker fails mid-request (not on the wire)."""
+
+    FAIL = "fail"
+    """end the request with an error naming the worker (rows so far are kept)"""
+    CONTINUE = "continue"
+    """drop the worker, renormalize the weights over the others and go on"""

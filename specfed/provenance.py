@@ -1,0 +1,66 @@
+"""Where a result came from: the code's git state and the versions of what ran it.
+
+One helper for every writer of metadata (the testbed's meta.json, the server's server.json,
+studies, benchmarks, the model bundle's conversion records), so that "dirty" means one thing
+everywhere:
+
+    dirty = a tracked file differs from the commit (staged or not).
+
+Untracked files do not count (results, caches and scratch files live in the tree), and
+neither do ignored ones. `git_state()["dirty"]` is None when git cannot tell (no git, not a
+checkout).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REPO", "git_state", "versions"]
+
+REPO = Path(__file__).resolve().parents[1]
+"""The project's checkout (the folder holding specfed/, testbed/, ...)."""
+
+DEFAULT_DISTRIBUTIONS = (
+    "torch",
+    "transformers",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "specfed-testbed",
+)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """{"sha": full sha or "unknown", "short": 8 hex digits or "nogit", "dirty": bool | None}."""
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {
+        "sha": sha or "unknown",
+        "short": sha[:8] if sha else "nogit",
+        "dirty": None if status is None else bool(status),
+    }
+
+
+def versions(distributions: tuple[str, ...] = DEFAULT_DISTRIBUTIONS) -> dict[str, str]:
+    """Python's version and each distribution's installed version ("missing" if absent)."""
+    out = {"python": platform.python_version()}
+    for dist in distributions:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out
