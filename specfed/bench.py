@@ -370,8 +370,10 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     from specfed.client import RemoteWorker
-    from specfed.engine import FederatedGenerator, Transmission
+    from specfed.engine import FederatedGenerator
+    from specfed.messages import Transmission
     from specfed.models import load_model
+    from specfed.options import Mode
 
     torch.set_num_threads(args.threads)
     logdir = Path(tempfile.mkdtemp(prefix="specfed-bench-"))
@@ -408,7 +410,7 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
         draft = load_model(args.draft, dtype=args.dtype)
         prompts = _prompt_ids(draft, args.prompts)
         clients = [RemoteWorker(f"w{i + 1}", a, draft) for i, a in enumerate(addrs)]
-        modes = {"full": Transmission("full"), "topk64": Transmission("topk", k=64)}
+        modes = {"full": Transmission(Mode.FULL), "topk64": Transmission(Mode.TOPK, k=64)}
         out: dict[str, Any] = {}
         for label, tr in modes.items():
             gen = FederatedGenerator(

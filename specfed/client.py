@@ -12,7 +12,8 @@ from typing import TypeVar
 import numpy as np
 
 from specfed import wire
-from specfed.engine import VerifyReply, VerifyRequest, WorkerLost
+from specfed.engine import WorkerLost
+from specfed.messages import VerifyReply, VerifyRequest
 from specfed.models import HasVocabulary, ModelError
 from specfed.wire import Connection, ErrorCode, MsgType, WireError
 

@@ -51,7 +51,8 @@ from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
-import torch
+
+from specfed.options import Mode, ValueDtype
 
 __all__ = [
     "CODEC_IDS",
@@ -73,12 +74,15 @@ __all__ = [
 FORMAT_VERSION = 1
 """Wire format version (header byte 1); decode rejects any other."""
 
-CODEC_FULL, CODEC_TOPK, CODEC_ADAPTIVE = 1, 2, 3
-CODEC_IDS: dict[int, str] = {CODEC_FULL: "full", CODEC_TOPK: "topk", CODEC_ADAPTIVE: "adaptive"}
-"""Codec id (header byte 0) -> codec name."""
+CODEC_FULL, CODEC_TOPK, CODEC_ADAPTIVE = Mode.FULL.code, Mode.TOPK.code, Mode.ADAPTIVE.code
+CODEC_IDS: dict[int, str] = Mode.codes()
+"""Codec id (header byte 0) -> codec name: the transmission mode's wire code."""
 
-_VALUE_DTYPE_CODES: dict[str, int] = {"fp32": 1, "fp16": 2}
-_VALUE_DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+_VALUE_DTYPE_CODES: dict[str, int] = {d.value: d.code for d in ValueDtype}
+_VALUE_DTYPES: dict[int, np.dtype] = {
+    ValueDtype.FP32.code: np.dtype("<f4"),
+    ValueDtype.FP16.code: np.dtype("<f2"),
+}
 _DTYPE_NAMES: dict[int, str] = {code: name for name, code in _VALUE_DTYPE_CODES.items()}
 
 MAX_POSITIONS = 4096
@@ -767,6 +771,8 @@ def _check_encodable(wire: np.ndarray, what: str, full: bool = False) -> None:
 
 def _top_k(p32: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest entries per row, descending: values [P, k] float32, indices [P, k] int64."""
+    import torch  # here, not at import: byte formulas and decoding need no torch
+
     if not p32.flags.writeable:  # torch.from_numpy warns on read-only arrays
         p32 = p32.copy()
     values, indices = torch.topk(torch.from_numpy(p32), k, dim=1, largest=True, sorted=True)

@@ -46,7 +46,10 @@ class ConfigError(ValueError):
         self.source = source
         self.problems = list(problems) or [("", "invalid")]
         super().__init__(
-            "\n".join(f"{source}: {path or '<top>'}: {msg}" for path, msg in self.problems)
+            "\n".join(
+                f"{source}: {path}: {msg}" if path else f"{source}: {msg}"
+                for path, msg in self.problems
+            )
         )
 
 
@@ -83,37 +86,91 @@ _NOT_FIELDS = ("function-", "constrained-", "lax-", "union[", "tagged-union[", "
 _TYPE_NAMES = {"int", "float", "str", "bool", "none", "list", "dict", "enum"}
 
 
+def _expected_list(expected: str) -> str:
+    """pydantic's "'a', 'b' or 'c'" as "a, b, c"."""
+    return expected.replace("'", "").replace(" or ", ", ")
+
+
+def _message(err: Mapping[str, Any], known: list[str] | None) -> str:
+    """One error in the project's words: what was expected, and what was given."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _short(err.get("input"))
+    simple = {
+        "int_type": "expected an integer",
+        "int_parsing": "expected an integer",
+        "int_from_float": "expected an integer",
+        "float_type": "expected a number",
+        "float_parsing": "expected a number",
+        "bool_type": "expected true or false",
+        "bool_parsing": "expected true or false",
+        "string_type": "expected a string",
+        "dict_type": "expected a mapping",
+        "model_type": "expected a mapping",
+        "dataclass_type": "expected a mapping",
+        "list_type": "expected a list",
+        "finite_number": "must be a finite number",
+        "none_required": "expected nothing (null)",
+    }
+    if kind == "missing":
+        return "missing (required)"
+    if kind == "extra_forbidden":
+        return "unknown field" + (f"; expected one of {', '.join(known)}" if known else "")
+    if kind in simple:
+        return f"{simple[kind]}, got {got}"
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    if kind in bounds:
+        op, key = bounds[kind]
+        return f"must be {op} {ctx.get(key)}, got {got}"
+    if kind in ("enum", "literal_error"):
+        return f"expected one of {_expected_list(str(ctx.get('expected', '')))}; got {got}"
+    if kind == "string_too_short":
+        return f"expected a non-empty string, got {got}"
+    if kind in ("too_short", "too_long"):
+        return f"{err['msg'][0].lower()}{err['msg'][1:]}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    return f"{err['msg']} (got {got})"
+
+
 def validation_problems(
     exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
 ) -> list[tuple[str, str]]:
     """Flatten a pydantic ValidationError into (dotted field path, message) pairs.
 
-    With `model` (the model that was validated), an unknown field's message lists the
-    fields allowed at that place.
+    Messages say what was expected and what was given ("must be >= 0, got -1"). A union
+    (`int | None`) reports once per path. With `model` (the model that was validated), an
+    unknown field's message lists the fields allowed at that place.
     """
-    problems: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    by_path: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False):
         loc = [
             p
             for p in err["loc"]
-            if not (isinstance(p, str) and (p.startswith(_NOT_FIELDS) or p in _TYPE_NAMES))
+            if not (
+                isinstance(p, str) and (p.startswith(_NOT_FIELDS) or p in _TYPE_NAMES or "[" in p)
+            )
         ]
         path = _loc(loc)
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
-        msg = "missing (required)" if err["type"] == "missing" else str(err["msg"])
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if err["type"] == "extra_forbidden":
-            known = _fields_at(model, loc[:-1]) if model is not None else None
-            msg = "unknown field" + (f"; expected one of {', '.join(known)}" if known else "")
-        elif err["type"] not in ("missing",) and "input" in err:
-            msg = f"{msg} (got {_short(err['input'])})"
-        key = (path, msg)
-        if key not in seen:  # a union reports the same input once per member
-            seen.add(key)
-            problems.append(key)
+        known = (
+            _fields_at(model, loc[:-1])
+            if model is not None and err["type"] == "extra_forbidden"
+            else None
+        )
+        msgs = by_path.setdefault(path, [])
+        msg = _message(err, known)
+        if msg not in msgs:
+            msgs.append(msg)
+    problems = []
+    for path, msgs in by_path.items():
+        if len(msgs) > 1:  # a union: the optional member's "expected nothing" adds nothing
+            msgs = [m for m in msgs if not m.startswith("expected nothing")] or msgs
+        problems.append((path, msgs[0] if len(msgs) == 1 else " or ".join(msgs)))
     return problems
 
 

@@ -22,8 +22,10 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from specfed.engine import FederatedGenerator, LocalWorker, Transmission
+from specfed.engine import FederatedGenerator, LocalWorker
+from specfed.messages import Transmission
 from specfed.models import LoadedModel, load_model
+from specfed.options import Mode
 from specfed.prompts import load_prompts
 from specfed.reconstruct import RECONSTRUCTIONS
 
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts)
 
     configs: list[tuple[str, dict]] = [
-        ("federated AR", dict(gamma=0, transmissions=Transmission("full"))),
-        ("SD full", dict(gamma=args.gamma, transmissions=Transmission("full"))),
+        ("federated AR", dict(gamma=0, transmissions=Transmission(Mode.FULL))),
+        ("SD full", dict(gamma=args.gamma, transmissions=Transmission(Mode.FULL))),
     ]
     for rec in RECONSTRUCTIONS:
         configs.append(
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"SD top-{args.k} {rec}",
                 dict(
                     gamma=args.gamma,
-                    transmissions=Transmission("topk", k=args.k),
+                    transmissions=Transmission(Mode.TOPK, k=args.k),
                     reconstruction=rec,
                 ),
             )

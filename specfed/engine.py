@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from specfed.codecs import Codec, Payload, decode_any, make_codec
+from specfed.codecs import Payload, decode_any, index_bytes_for
+from specfed.messages import Transmission, VerifyReply, VerifyRequest
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
     DraftProposer,
@@ -34,89 +35,9 @@ from specfed.models import (
     Verifier,
     check_same_vocabulary,
 )
-from specfed.reconstruct import RECONSTRUCTIONS, aggregate, reconstruct
+from specfed.options import LossPolicy, Mode, Reconstruction, check_weights
+from specfed.reconstruct import aggregate, reconstruct
 from specfed.sampling import RoundUniforms, speculative_accept
-
-TRANSMISSIONS = ("full", "topk", "adaptive")
-
-
-@dataclass(frozen=True)
-class Transmission:
-    """How a worker encodes its distributions.
-
-    Attributes:
-        mode: "full", "topk" or "adaptive".
-        k: K for topk; the cap on K for adaptive.
-        epsilon: adaptive only: keep the smallest K whose mass reaches 1 - epsilon.
-        value_dtype: "fp32" or "fp16" on the wire.
-        index_bytes: top-K index width in bytes (None = smallest that holds V - 1).
-    """
-
-    mode: str = "full"
-    k: int | None = None
-    epsilon: float | None = None
-    value_dtype: str = "fp32"
-    index_bytes: int | None = None
-
-    def codec(self) -> Codec:
-        """The codec that implements this transmission."""
-        return make_codec(
-            self.mode,
-            k=self.k if self.mode == "topk" else None,
-            epsilon=self.epsilon if self.mode == "adaptive" else None,
-            k_max=self.k if self.mode == "adaptive" else None,
-            value_dtype=self.value_dtype,
-            index_bytes=self.index_bytes if self.mode != "full" else None,
-        )
-
-    @property
-    def label(self) -> str:
-        """Short name for tables: full, topk64, adaptive(0.01,256)."""
-        if self.mode == "topk":
-            return f"topk{self.k}"
-        if self.mode == "adaptive":
-            return f"adaptive({self.epsilon},{self.k})"
-        return "full"
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    """What the server asks of one worker in one round.
-
-    The worker crops its KV cache of `request_id` to `start` tokens, runs one forward pass over
-    `tokens` and returns its distributions at the last `n_positions` (= gamma + 1) positions.
-    """
-
-    request_id: str
-    start: int
-    tokens: list[int]
-    n_positions: int
-    temperature: float
-    transmission: Transmission
-    reconstruction: str = "renormalize"
-    measure_fidelity: bool = True
-
-
-@dataclass(frozen=True)
-class VerifyReply:
-    """A worker's answer.
-
-    Attributes:
-        payload: the codec's bytes (what crosses the network).
-        t_worker_ms: the worker's compute: forward pass + softmax + encode.
-        local_l1: mean over positions of ||p_i - p_hat_i||_1, computed by the worker from its
-            exact p_i (NaN for draft-guided: the worker does not have q; NaN if not measured).
-        bytes_up: bytes the reply took on the wire (payload alone in process; frames on TCP).
-        bytes_down: bytes the request took on the wire.
-        t_send_ms: time the server spent writing the request (0 in process).
-    """
-
-    payload: bytes
-    t_worker_ms: float
-    local_l1: float = math.nan
-    bytes_up: int = 0
-    bytes_down: int = 0
-    t_send_ms: float = 0.0
 
 
 class WorkerLost(RuntimeError):
@@ -145,16 +66,16 @@ class WorkerClient(Protocol):
         ...
 
 
-def local_l1(p: np.ndarray, payload: Payload, method: str) -> float:
+def local_l1(p: np.ndarray, payload: Payload, method: Reconstruction | None) -> float:
     """Mean over positions of ||p - p_hat||_1 for one worker, from its exact p [P, V].
 
     Draft-guided needs the draft's q, which a worker does not have: NaN.
     """
     if payload.dense is not None:
         return float(np.abs(p - payload.dense).sum(axis=1).mean())
-    if method == "draft-guided":
+    if method == Reconstruction.DRAFT_GUIDED:
         return math.nan
-    if method == "renormalize":  # Lemma 1: exactly 2 eps
+    if method in (None, Reconstruction.RENORMALIZE):  # Lemma 1: exactly 2 eps
         return float(np.mean(2.0 * payload.eps))
     p_hat = reconstruct(payload, method)
     return float(np.abs(p.astype(np.float64) - p_hat).sum(axis=1).mean())
@@ -185,7 +106,15 @@ class LocalWorker:
         l1 = math.nan
         if request.measure_fidelity:
             l1 = local_l1(p, decode_any(payload), request.reconstruction)
-        return VerifyReply(payload, t_worker_ms, l1, len(payload), 4 * len(request.tokens))
+        return VerifyReply(
+            payload,
+            t_worker_ms,
+            l1,
+            request_id=request.request_id,
+            round=request.round,
+            bytes_up=len(payload),
+            bytes_down=4 * len(request.tokens),
+        )
 
     def end(self, request_id: str) -> None:
         self.verifier.end(request_id)
@@ -212,12 +141,18 @@ def score_sequence(
 class WorkerRound:
     """One worker's part of one round (one row of the rounds table).
 
+    transmission, k, epsilon, value_dtype and index_bytes are the worker's own transmission
+    (index_bytes as sent: the width chosen for V when the transmission left it open).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
     reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing).
     """
 
     worker: str
     transmission: str
+    k: int | None
+    epsilon: float | None
+    value_dtype: str
+    index_bytes: int | None
     k_mean: float
     bytes_up: int
     bytes_down: int
@@ -326,7 +261,8 @@ class FederatedGenerator:
         draft: the server's draft model (None only when gamma = 0).
         workers: the N workers.
         weights: w_i >= 0 summing to 1 (None = equal weights).
-        transmissions: one Transmission for all workers, or one per worker (per-worker K).
+        transmissions: one Transmission for all workers, or one per worker (per-worker K);
+            None = full fp32.
         reconstruction: "renormalize", "residual-mass" or "draft-guided".
         gamma: drafted tokens per round (0 = federated autoregressive decoding).
         temperature: T (0 = greedy).
@@ -343,13 +279,13 @@ class FederatedGenerator:
         draft: LoadedModel | None,
         workers: Sequence[WorkerClient],
         weights: Sequence[float] | None = None,
-        transmissions: Transmission | Sequence[Transmission] = Transmission(),
-        reconstruction: str = "renormalize",
+        transmissions: Transmission | Sequence[Transmission] | None = None,
+        reconstruction: Reconstruction | str = Reconstruction.RENORMALIZE,
         gamma: int = 4,
         temperature: float = 1.0,
         measure_fidelity: bool = True,
         parallel: bool = False,
-        on_worker_loss: str = "fail",
+        on_worker_loss: LossPolicy | str = LossPolicy.FAIL,
     ) -> None:
         if not workers:
             raise ValueError("at least one worker is needed")
@@ -357,32 +293,24 @@ class FederatedGenerator:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if gamma > 0 and draft is None:
             raise ValueError("gamma > 0 needs a draft model")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(
-                f"unknown reconstruction {reconstruction!r}; use one of {RECONSTRUCTIONS}"
-            )
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         self.workers = list(workers)
         n = len(self.workers)
-        w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64)
-        if w.shape != (n,) or (w < 0).any() or not math.isclose(w.sum(), 1.0, abs_tol=1e-6):
-            raise ValueError(f"weights must be {n} numbers >= 0 summing to 1, got {weights}")
+        w = np.asarray([1.0 / n] * n if weights is None else check_weights(weights, n))
         self.weights = w
+        if transmissions is None:
+            transmissions = Transmission()
         if isinstance(transmissions, Transmission):
             transmissions = [transmissions] * n
         if len(transmissions) != n:
             raise ValueError(f"{len(transmissions)} transmissions for {n} workers")
-        for t in transmissions:
-            t.codec()  # validate now, not mid-request
         self.transmissions = list(transmissions)
-        self.reconstruction = reconstruction
+        self.reconstruction = Reconstruction.parse(reconstruction, "reconstruction")
         self.gamma = gamma
         self.temperature = temperature
         self.measure_fidelity = measure_fidelity
-        if on_worker_loss not in ("fail", "continue"):
-            raise ValueError(f"on_worker_loss must be 'fail' or 'continue', got {on_worker_loss!r}")
-        self.on_worker_loss = on_worker_loss
+        self.on_worker_loss = LossPolicy(on_worker_loss)
         self.pool = ThreadPoolExecutor(len(self.workers)) if parallel else None
         self.draft = draft
         self.proposer = DraftProposer(draft) if draft is not None else None
@@ -486,6 +414,7 @@ class FederatedGenerator:
                         self.transmissions[i],
                         self.reconstruction,
                         self.measure_fidelity,
+                        round=len(rounds),
                     )
                 t_v = time.perf_counter()
                 replies, lost = self._verify_all(requests)
@@ -494,7 +423,7 @@ class FederatedGenerator:
                     seen[i] = seq
                 if lost:
                     names = ", ".join(f"{self.workers[i].name} ({why})" for i, why in lost.items())
-                    if self.on_worker_loss == "fail" or len(lost) == len(active):
+                    if self.on_worker_loss == LossPolicy.FAIL or len(lost) == len(active):
                         raise WorkerLost(names, f"in round {len(rounds)} of request {rid}")
                     active = [i for i in active if i not in lost]
                     weights[list(lost)] = 0.0
@@ -538,10 +467,17 @@ class FederatedGenerator:
                 worker_rows = []
                 for i in active:
                     reply, t_call_ms = replies[i]
+                    tr = self.transmissions[i]
                     worker_rows.append(
                         WorkerRound(
                             worker=self.workers[i].name,
-                            transmission=self.transmissions[i].mode,
+                            transmission=tr.mode.value,
+                            k=tr.k,
+                            epsilon=tr.epsilon,
+                            value_dtype=tr.value_dtype.value,
+                            index_bytes=None
+                            if tr.mode == Mode.FULL
+                            else tr.index_bytes or index_bytes_for(self.vocab_size),
                             k_mean=float(np.mean(payloads[i].k_per_position)),
                             bytes_up=reply.bytes_up,
                             bytes_down=reply.bytes_down,

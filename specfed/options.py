@@ -12,9 +12,19 @@ Adding a member is a change here (name, code, one-line meaning) plus what implem
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Sequence
 from typing import Any, Self
 
-__all__ = ["LossPolicy", "Mode", "Reconstruction", "ValueDtype", "WireOption"]
+__all__ = [
+    "WEIGHT_SUM_TOL",
+    "LossPolicy",
+    "Mode",
+    "Reconstruction",
+    "ValueDtype",
+    "WireOption",
+    "check_weights",
+]
 
 
 class WireOption(enum.StrEnum):
@@ -95,3 +105,28 @@ class LossPolicy(enum.StrEnum):
     """end the request with an error naming the worker (rows so far are kept)"""
     CONTINUE = "continue"
     """drop the worker, renormalize the weights over the others and go on"""
+
+
+WEIGHT_SUM_TOL = 1e-6
+"""How far from 1 the worker weights may sum."""
+
+
+def check_weights(weights: Sequence[float], n: int, what: str = "worker") -> list[float]:
+    """The mixture weights w_1..w_n as floats: n finite numbers >= 0 summing to 1.
+
+    The one check of the weights (scenario files, study files, the server's --weights, the
+    generator, the aggregation). Raises ValueError saying what is wrong.
+    """
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be numbers, got {list(weights)!r}") from None
+    if len(w) != n:
+        raise ValueError(f"need one weight per {what}: {n} {what}s, {len(w)} weights")
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise ValueError(f"weights must be finite and >= 0, got {w}")
+    if abs(math.fsum(w) - 1.0) > WEIGHT_SUM_TOL:
+        raise ValueError(
+            f"weights must sum to 1 (within {WEIGHT_SUM_TOL}), sum is {math.fsum(w)!r}"
+        )
+    return w

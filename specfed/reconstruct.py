@@ -32,17 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from specfed.codecs import Payload
+from specfed.options import WEIGHT_SUM_TOL, Reconstruction, check_weights
 
 __all__ = ["Q_COMPLEMENT_MIN", "RECONSTRUCTIONS", "WEIGHT_SUM_TOL", "aggregate", "reconstruct"]
 
-RECONSTRUCTIONS = ("renormalize", "residual-mass", "draft-guided")
-"""Reconstruction methods, by name."""
+RECONSTRUCTIONS = tuple(Reconstruction)
+"""Every reconstruction (specfed.options.Reconstruction), in declaration order."""
 
 Q_COMPLEMENT_MIN = 1e-9
 """Draft-guided: q(C) at or below this fraction of q's row total counts as no mass."""
-
-WEIGHT_SUM_TOL = 1e-6
-"""Worker weights must sum to 1 within this."""
 
 
 def reconstruct(payload: Payload, method: str, q: np.ndarray | None = None) -> np.ndarray:
@@ -182,8 +180,7 @@ def aggregate(
 
 
 def _check_method(method: str) -> None:
-    if method not in RECONSTRUCTIONS:
-        raise ValueError(f"unknown reconstruction {method!r}; use one of {RECONSTRUCTIONS}")
+    Reconstruction.parse(method, "reconstruction")
 
 
 def _check_weights(
@@ -191,16 +188,7 @@ def _check_weights(
 ) -> np.ndarray:
     if len(payloads) == 0:
         raise ValueError("aggregate needs at least one payload")
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(payloads),):
-        raise ValueError(
-            f"need one weight per payload: {len(payloads)} payloads, weights {w.shape}"
-        )
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
-    if abs(w.sum() - 1.0) > WEIGHT_SUM_TOL:
-        raise ValueError(f"weights must sum to 1 (within {WEIGHT_SUM_TOL}), got {w.sum()!r}")
-    return w
+    return np.asarray(check_weights(list(np.asarray(weights).ravel()), len(payloads), "payload"))
 
 
 @dataclass(frozen=True)

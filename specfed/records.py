@@ -8,28 +8,60 @@ fsync'ed before the next round starts, so a SIGKILL loses at most the round in f
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 from tabulate import tabulate
 
+#: Every parameter of a point is a column of both tables (specfed.points.Point.columns),
+#: with the vocabulary size and the warm-up flag; rounds rows carry the worker's own
+#: transmission (per-worker settings) and the index width actually sent.
+POINT_COLUMNS = (
+    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction", "gamma",
+    "temperature", "vocab_size",
+)  # fmt: skip
 ROUND_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", "transmission",
-    "k", "reconstruction", "gamma", "temperature", "n_drafted", "n_accepted", "n_emitted",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "worker",
+    *POINT_COLUMNS, "n_drafted", "n_accepted", "n_emitted",
     "bytes_up", "bytes_down", "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms",
     "t_call_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean",
     "local_l1", "k_mean",
 )  # fmt: skip
 REQUEST_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "transmission", "k",
-    "reconstruction", "gamma", "temperature", "seed", "status", "prompt_tokens", "new_tokens",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS, "seed",
+    "status", "prompt_tokens", "new_tokens",
     "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance", "tokens_per_round",
     "bytes_up_total", "bytes_per_token", "logp_mean", "events", "tokens",
 )  # fmt: skip
+
+
+class RecordsError(RuntimeError):
+    """A table cannot be appended to (its header differs from the columns to write)."""
+
+
+def _fsync(fh: IO[str]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+class EventLog:
+    """events.jsonl: one JSON object per line, flushed and fsync'ed like the tables."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, event: Mapping[str, Any]) -> None:
+        self._fh.write(json.dumps(dict(event), default=str) + "\n")
+        _fsync(self._fh)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class Table:
@@ -44,6 +76,14 @@ class Table:
         self.tags = dict(tags or {})
         self.columns = [*columns, *(k for k in self.tags if k not in columns)]
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with path.open(encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if header != self.columns:
+                raise RecordsError(
+                    f"{path} exists with other columns ({len(header)} vs {len(self.columns)}: "
+                    f"{_column_diff(header, self.columns)}); write to a new folder (--out)"
+                )
         self._fh = path.open("a", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
         if new:
@@ -55,11 +95,22 @@ class Table:
         self._sync()
 
     def _sync(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        _fsync(self._fh)
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _column_diff(old: Sequence[str], new: Sequence[str]) -> str:
+    gone = [c for c in old if c not in new]
+    added = [c for c in new if c not in old]
+    if not gone and not added:
+        return "same columns in another order"
+    return "; ".join(
+        x
+        for x in (f"only in the file: {gone}" if gone else "", f"new: {added}" if added else "")
+        if x
+    )
 
 
 def _cell(v: Any) -> Any:

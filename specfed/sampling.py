@@ -16,7 +16,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specfed.models import sample_index
+_BLOCK = 1024  # entries per block of the two-level inverse CDF
+
+
+def sample_index(probs: np.ndarray, u: float) -> int:
+    """Inverse-CDF sample from a 1-D distribution with one uniform u in [0, 1).
+
+    Using an explicit uniform (instead of a generator call inside) makes every random
+    decision a fixed draw, so two runs that differ only in transmission stay coupled.
+    Two levels keep it fast at |V| = 151,936: block sums (vectorized) locate the block
+    holding u * total, then a cumulative sum over that one block locates the entry; a
+    single cumsum over V is sequential and ~8x slower. Never returns a zero-mass entry.
+    """
+    v = len(probs)
+    n_full = v - v % _BLOCK
+    sums = probs[:n_full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+    if n_full < v:
+        sums = np.append(sums, probs[n_full:].sum(dtype=np.float64))
+    cdf = np.cumsum(sums)
+    target = u * cdf[-1]
+    b = min(int(np.searchsorted(cdf, target, side="right")), len(cdf) - 1)
+    while sums[b] <= 0 and b > 0:  # rounding put u * total past the last massive block
+        b -= 1
+    seg = probs[b * _BLOCK : (b + 1) * _BLOCK]
+    inner = np.cumsum(seg, dtype=np.float64)
+    i = int(np.searchsorted(inner, target - (cdf[b - 1] if b else 0.0), side="right"))
+    if i >= len(seg) or seg[i] <= 0:  # rounding at the block edge: last entry with mass
+        i = int(np.flatnonzero(seg > 0)[-1]) if i >= len(seg) else i
+        while seg[i] <= 0:
+            i += 1
+    return b * _BLOCK + i
 
 
 @dataclass(frozen=True)

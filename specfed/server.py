@@ -20,14 +20,12 @@ and prints a summary table. Exit status: 0 ok, 1 a request failed, 2 bad argumen
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import platform
+import math
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +34,24 @@ import torch
 
 from specfed import wire
 from specfed.client import RemoteWorker
-from specfed.engine import (
-    TRANSMISSIONS,
-    FederatedGenerator,
-    GenerationResult,
-    RoundRecord,
-    Transmission,
-    WorkerLost,
-)
+from specfed.codecs import index_bytes_for
+from specfed.engine import FederatedGenerator, GenerationResult, RoundRecord, WorkerLost
 from specfed.models import ModelError, load_model
-from specfed.prompts import PromptError, load_prompts
-from specfed.reconstruct import RECONSTRUCTIONS
-from specfed.records import REQUEST_COLUMNS, ROUND_COLUMNS, Table, summary_table
-from specfed.worker import parse_addr
+from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype, check_weights
+from specfed.points import Point, points_from_lists, read_points
+from specfed.prompts import Prompt, PromptError, load_prompts
+from specfed.provenance import git_state, versions
+from specfed.records import (
+    REQUEST_COLUMNS,
+    ROUND_COLUMNS,
+    EventLog,
+    RecordsError,
+    Table,
+    summary_table,
+)
+from specfed.wire import parse_addr
 
 log = logging.getLogger("specfed.server")
-
-
-@dataclass(frozen=True)
-class Point:
-    """One combination of per-request options, with its ids in the records."""
-
-    transmission: str
-    k: int | None
-    reconstruction: str
-    gamma: int
-    temperature: float
-    point: int = 0
-    rep: int = 0
-    epsilon: float | None = None
-    value_dtype: str | None = None
-
-    @property
-    def label(self) -> str:
-        if self.transmission == "full":
-            return f"full g={self.gamma} T={self.temperature}"
-        return (
-            f"{self.transmission}{self.k} {self.reconstruction} g={self.gamma} T={self.temperature}"
-        )
 
 
 def _list(text: str, conv: Any, what: str) -> list[Any]:
@@ -83,68 +61,34 @@ def _list(text: str, conv: Any, what: str) -> list[Any]:
         raise ValueError(f"{what}: cannot parse {text!r} ({exc})") from exc
 
 
-def expand_points(args: argparse.Namespace) -> list[Point]:
-    """The cross product of the comma-separated options; full ignores K and reconstruction."""
-    modes = _list(args.transmission, str, "--transmission")
-    for m in modes:
-        if m not in TRANSMISSIONS:
-            raise ValueError(f"--transmission {m!r}: use one of {', '.join(TRANSMISSIONS)}")
-    recs = _list(args.reconstruction, str, "--reconstruction")
-    for r in recs:
-        if r not in RECONSTRUCTIONS:
-            raise ValueError(f"--reconstruction {r!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+def points_from_args(args: argparse.Namespace) -> list[Point]:
+    """The points to run: the --points-file, or the cross product of the comma-separated
+    options (full transmission ignores K and reconstruction). ConfigError/ValueError if bad."""
+    if args.points_file:
+        return read_points(args.points_file)
+    modes = [
+        Mode.parse(m, "--transmission") for m in _list(args.transmission, str, "--transmission")
+    ]
     ks = _list(args.k, int, "--k") if args.k else []
-    if any(m != "full" for m in modes) and not ks:
+    if any(m != Mode.FULL for m in modes) and not ks:
         raise ValueError("--k is needed for topk (K) and adaptive (cap on K)")
-    gammas = _list(args.gamma, int, "--gamma")
-    temps = _list(args.temperature, float, "--temperature")
-    combos: list[tuple[str, int | None, str, int, float]] = []
-    for mode, gamma, temp in itertools.product(modes, gammas, temps):
-        if mode == "full":
-            combos.append((mode, None, "none", gamma, temp))
-        else:
-            combos += [(mode, k, r, gamma, temp) for k, r in itertools.product(ks, recs)]
-    return [Point(*c, point=i + args.point_offset, rep=args.rep) for i, c in enumerate(combos)]
-
-
-POINT_FIELDS = {
-    "transmission",
-    "k",
-    "reconstruction",
-    "gamma",
-    "temperature",
-    "point",
-    "rep",
-    "epsilon",
-    "value_dtype",
-}
-
-
-def read_points_file(path: Path) -> list[Point]:
-    """Points from a JSON list of objects with the fields of Point (the testbed writes it)."""
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--points-file {path}: {exc}") from exc
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"--points-file {path}: expected a non-empty JSON list")
-    points = []
-    for n, item in enumerate(items):
-        if not isinstance(item, dict) or set(item) - POINT_FIELDS:
-            raise ValueError(
-                f"--points-file {path}: entry {n}: expected an object with "
-                f"fields from {sorted(POINT_FIELDS)}"
-            )
-        try:
-            p = Point(**{"k": None, "reconstruction": "renormalize", **item})
-        except TypeError as exc:
-            raise ValueError(f"--points-file {path}: entry {n}: {exc}") from exc
-        if p.transmission not in TRANSMISSIONS or (
-            p.reconstruction not in (*RECONSTRUCTIONS, "none")
-        ):
-            raise ValueError(f"--points-file {path}: entry {n}: bad transmission or reconstruction")
-        points.append(p)
-    return points
+    options = {
+        "mode": modes,
+        "gamma": _list(args.gamma, int, "--gamma"),
+        "temperature": _list(args.temperature, float, "--temperature"),
+        "k": ks or [None],
+        "reconstruction": [
+            Reconstruction.parse(r, "--reconstruction")
+            for r in _list(args.reconstruction, str, "--reconstruction")
+        ],
+    }
+    points = points_from_lists(options, {"epsilon": args.epsilon, "value_dtype": args.value_dtype})
+    return [
+        Point.model_validate(
+            {**p.model_dump(), "point": p.point + args.point_offset, "rep": args.rep}
+        )
+        for p in points
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -162,7 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", required=True, help="HOST:PORT[,HOST:PORT...] of the workers")
     ap.add_argument("--worker-names", default=None, help="names for the records (default w1..wN)")
     ap.add_argument("--weights", default=None, help="w_i, comma-separated, sum 1 (default equal)")
-    ap.add_argument("--transmission", default="full", help="full|topk|adaptive, comma-separated")
+    ap.add_argument(
+        "--transmission",
+        default="full",
+        help=f"{'|'.join(Mode.names())}, comma-separated",
+    )
     ap.add_argument("--k", default=None, help="K for topk / cap for adaptive, comma-separated")
     ap.add_argument(
         "--epsilon",
@@ -173,13 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--value-dtype",
         default="fp32",
-        choices=["fp32", "fp16"],
+        choices=ValueDtype.names(),
         help="probability values on the wire",
     )
     ap.add_argument(
         "--reconstruction",
         default="renormalize",
-        help=f"{'|'.join(RECONSTRUCTIONS)}, comma-separated",
+        help=f"{'|'.join(Reconstruction.names())}, comma-separated",
     )
     ap.add_argument(
         "--gamma",
@@ -197,6 +145,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="draft weights")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the draft")
     ap.add_argument("--out", type=Path, required=True, help="folder for the tables")
+    ap.add_argument(
+        "--info-file",
+        default="server.json",
+        help="name of the file in --out that records the command line, points and versions "
+        "(one per server process; the testbed gives each group its own)",
+    )
     ap.add_argument("--run-id", default=None, help="run id column (default: random)")
     ap.add_argument("--rep", type=int, default=0, help="repetition number column")
     ap.add_argument("--point-offset", type=int, default=0, help="added to the point column")
@@ -204,9 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--points-file",
         type=Path,
         default=None,
-        help="JSON list of points (transmission, k, reconstruction, gamma, temperature, "
-        "point, rep, epsilon, value_dtype) run in that order; replaces the comma-separated "
-        "per-request options above",
+        help="JSON list of points (specfed.points.Point: gamma, temperature, transmission "
+        "{mode, k, epsilon, value_dtype, index_bytes}, reconstruction, point, rep), run in "
+        "that order; replaces the comma-separated per-request options above",
     )
     ap.add_argument(
         "--tag",
@@ -217,8 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--on-worker-loss",
-        default="fail",
-        choices=["fail", "continue"],
+        default=LossPolicy.FAIL.value,
+        choices=[p.value for p in LossPolicy],
         help="fail: end the run with an error naming the worker; continue: drop "
         "it, renormalize the weights over the rest and go on",
     )
@@ -251,6 +205,37 @@ def _tags(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _setup(
+    args: argparse.Namespace,
+) -> tuple[
+    list[Point], dict[str, str], list[tuple[str, int]], list[str], list[float] | None, list[Prompt]
+]:
+    """Everything the command line says, checked before any model loads or worker connects.
+
+    Raises ConfigError / ValueError / PromptError (usage errors: exit 2)."""
+    points = points_from_args(args)
+    tags = _tags(args.tag)
+    addrs = [parse_addr(a, "--workers entry") for a in args.workers.split(",")]
+    names = (
+        args.worker_names.split(",")
+        if args.worker_names
+        else [f"w{i + 1}" for i in range(len(addrs))]
+    )
+    if len(names) != len(addrs):
+        raise ValueError(f"{len(names)} --worker-names for {len(addrs)} workers")
+    weights = (
+        check_weights(_list(args.weights, float, "--weights"), len(addrs)) if args.weights else None
+    )
+    for what in ("connect_timeout", "read_timeout", "round_timeout"):
+        value = getattr(args, what)
+        if not (math.isfinite(value) and 0 < value <= 7 * 24 * 3600):
+            raise ValueError(f"--{what.replace('_', '-')}: must be in (0, 604800] s, got {value}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    prompts = load_prompts(args.prompts)
+    return points, tags, addrs, names, weights, prompts
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -259,19 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        points = read_points_file(args.points_file) if args.points_file else expand_points(args)
-        tags = _tags(args.tag)
-        addrs = [parse_addr(a, "--workers entry") for a in args.workers.split(",")]
-        names = (
-            args.worker_names.split(",")
-            if args.worker_names
-            else [f"w{i + 1}" for i in range(len(addrs))]
-        )
-        if len(names) != len(addrs):
-            raise ValueError(f"{len(names)} --worker-names for {len(addrs)} workers")
-        weights = _list(args.weights, float, "--weights") if args.weights else None
-        prompts = load_prompts(args.prompts)
-    except (ValueError, PromptError) as exc:
+        points, tags, addrs, names, weights, prompts = _setup(args)
+    except (ValueError, PromptError) as exc:  # ConfigError is a ValueError
         print(f"specfed.server: {exc}", file=sys.stderr)
         return 2
     if args.threads:
@@ -295,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_id = args.run_id or uuid.uuid4().hex[:8]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "server.json").write_text(
+    info_path = args.out / args.info_file
+    (info_path).write_text(
         json.dumps(
             {
                 "argv": sys.argv if argv is None else argv,
                 "run_id": run_id,
-                "points": [p.__dict__ for p in points],
-                "python": platform.python_version(),
-                "torch": torch.__version__,
+                "points": [p.model_dump(mode="json") for p in points],
+                "versions": versions(),
+                "git": git_state(),
                 "workers": {w.name: w.model_name for w in workers},
                 "draft": {
                     "name": args.draft,
@@ -314,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    rounds_t = Table(args.out / "rounds.csv", ROUND_COLUMNS, tags)
-    requests_t = Table(args.out / "requests.csv", REQUEST_COLUMNS, tags)
-    events = (args.out / "events.jsonl").open("a", encoding="utf-8")
+    try:
+        rounds_t = Table(args.out / "rounds.csv", ROUND_COLUMNS, tags)
+        requests_t = Table(args.out / "requests.csv", REQUEST_COLUMNS, tags)
+    except RecordsError as exc:
+        print(f"specfed.server: {exc}", file=sys.stderr)
+        return 2
+    events = EventLog(args.out / "events.jsonl")
     print(
         f"specfed.server ready: {len(workers)} workers, {len(points)} points x "
         f"{len(prompts)} prompts, run {run_id}",
@@ -325,42 +304,30 @@ def main(argv: list[str] | None = None) -> int:
 
     status = 0
     results: list[dict[str, Any]] = []
+    first_request = True
     for pi, point in enumerate(points):
         gen = FederatedGenerator(
             draft if point.gamma > 0 else None,
             workers,
             weights,
-            transmissions=Transmission(
-                point.transmission,
-                k=point.k,
-                value_dtype=point.value_dtype or args.value_dtype,
-                epsilon=(point.epsilon or args.epsilon)
-                if point.transmission == "adaptive"
-                else None,
-            ),
-            reconstruction="renormalize"
-            if point.reconstruction == "none"
-            else point.reconstruction,
+            transmissions=point.transmission,
+            reconstruction=point.reconstruction_or_default,
             gamma=point.gamma,
             temperature=point.temperature,
             measure_fidelity=not args.no_fidelity,
             parallel=True,
             on_worker_loss=args.on_worker_loss,
         )
-        keys = {
-            "run_id": run_id,
-            "point": point.point,
-            "rep": point.rep,
-            "transmission": point.transmission,
-            "k": point.k,
-            "reconstruction": point.reconstruction,
-            "gamma": point.gamma,
-            "temperature": point.temperature,
-        }
+        keys = {"run_id": run_id, **point.columns(), "vocab_size": gen.vocab_size}
+        if point.transmission.mode != Mode.FULL and point.transmission.index_bytes is None:
+            keys["index_bytes"] = index_bytes_for(gen.vocab_size)  # the width on the wire
         for i, prompt in enumerate(prompts):
             rid = f"{run_id}-p{point.point}r{point.rep}-{i}"
             ids = list(prompt.token_ids) if prompt.token_ids else draft.encode(prompt.text or "")
-            req_keys = {**keys, "request_id": rid, "prompt_id": prompt.id}
+            # The first request of a set of worker processes pays their warm-up (allocator,
+            # caches, lazy init): flagged, so analysis can leave it out.
+            req_keys = {**keys, "request_id": rid, "prompt_id": prompt.id, "warmup": first_request}
+            first_request = False
 
             def on_round(r: RoundRecord, req_keys: dict[str, Any] = req_keys) -> None:
                 base = {k: v for k, v in r.__dict__.items() if k != "workers"}
@@ -375,17 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             except WorkerLost as exc:
                 msg = str(exc)
                 events.write(
-                    json.dumps(
-                        {
-                            "request_id": rid,
-                            "event": "failed",
-                            "error": msg,
-                            "t_s": time.perf_counter() - t0,
-                        }
-                    )
-                    + "\n"
+                    {
+                        "request_id": rid,
+                        "event": "failed",
+                        "error": msg,
+                        "t_s": time.perf_counter() - t0,
+                    }
                 )
-                events.flush()
                 requests_t.append(
                     {**req_keys, "seed": args.seed + i, "status": "error", "events": msg}
                 )
@@ -398,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             requests_t.append(row)
             results.append({**row, "label": point.label})
             for ev in res.events:
-                events.write(json.dumps({"request_id": rid, "event": ev}) + "\n")
-                events.flush()
+                events.write({"request_id": rid, "event": ev})
                 print(f"specfed.server: {rid}: {ev}", file=sys.stderr)
             if not args.quiet:
                 print(

@@ -29,17 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specfed.engine import TRANSMISSIONS, Transmission, VerifyReply, VerifyRequest
-from specfed.reconstruct import RECONSTRUCTIONS
+from specfed.messages import Transmission, VerifyReply, VerifyRequest
+from specfed.options import Mode, Reconstruction, ValueDtype
 
 MAGIC = b"SPFD"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I4sBBH")  # length, magic, version, type, reserved
 FRAME_OVERHEAD = HEADER.size  # 12 bytes per frame, body excluded
 DEFAULT_MAX_FRAME = 64 * 2**20  # bytes; a full fp32 round at V=151,936, gamma=16 is 10.3 MB
 MAX_STRING = 4096  # bytes in any length-prefixed string
 MAX_TOKENS = 1 << 20  # tokens in one VERIFY
-VALUE_DTYPES = ("fp32", "fp16")
 
 
 class WireError(ValueError):
@@ -139,25 +138,48 @@ class Hello:
         return out
 
 
-# VERIFY fixed part: u32 start, u16 n_positions, f32 temperature, u8 transmission,
-# u32 k (0 = none), f32 epsilon (NaN = none), u8 value dtype, u8 index bytes (0 = auto),
-# u8 reconstruction, u8 flags (bit 0: measure fidelity), u32 n_tokens.
-_VERIFY = struct.Struct("<IHfBIfBBBBI")
+# VERIFY fixed part (docs/wire-protocol.md): u32 round, u32 start, u16 n_positions,
+# f64 temperature, then the transmission: u8 mode code, u32 k, f64 epsilon, u8 value dtype
+# code, u8 index bytes; u8 reconstruction code, u8 flags (bit 0: measure fidelity), u32 n_tokens.
+_VERIFY = struct.Struct("<IIHdBIdBBBBI")
+_NO_RECONSTRUCTION = 0  # full transmission: the server reconstructs nothing
+
+
+def _transmission_fields(t: Transmission) -> tuple[int, int, float, int, int]:
+    """A Transmission as (mode code, k, epsilon, value dtype code, index bytes).
+
+    Fields the mode does not use are written as 0 (k, index bytes) and NaN (epsilon); the
+    reader takes them from the mode, never from the placeholder."""
+    return (
+        t.mode.code,
+        t.k if t.k is not None else 0,
+        t.epsilon if t.epsilon is not None else math.nan,
+        t.value_dtype.code,
+        t.index_bytes if t.index_bytes is not None else 0,
+    )
+
+
+def _transmission(mode: int, k: int, eps: float, vdt: int, ib: int) -> Transmission:
+    """The inverse of `_transmission_fields`; ValueError on unknown codes or bad values."""
+    m = Mode.from_code(mode)
+    return Transmission(
+        m,
+        k=k if m in (Mode.TOPK, Mode.ADAPTIVE) else None,
+        epsilon=eps if m == Mode.ADAPTIVE else None,
+        value_dtype=ValueDtype.from_code(vdt),
+        index_bytes=(ib or None) if m != Mode.FULL else None,
+    )
 
 
 def encode_verify(req: VerifyRequest) -> bytes:
     """VERIFY body: str request_id, the fixed fields above, then n_tokens x u32 token ids."""
-    t = req.transmission
     fixed = _VERIFY.pack(
+        req.round,
         req.start,
         req.n_positions,
         req.temperature,
-        TRANSMISSIONS.index(t.mode),
-        t.k or 0,
-        math.nan if t.epsilon is None else t.epsilon,
-        VALUE_DTYPES.index(t.value_dtype),
-        t.index_bytes or 0,
-        RECONSTRUCTIONS.index(req.reconstruction),
+        *_transmission_fields(req.transmission),
+        req.reconstruction.code if req.reconstruction is not None else _NO_RECONSTRUCTION,
         int(req.measure_fidelity),
         len(req.tokens),
     )
@@ -168,7 +190,7 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
     """Parse and validate a VERIFY body (token ids must be < vocab_size)."""
     r = _Reader(body, "VERIFY")
     rid = r.string()
-    (start, n_pos, temp, mode, k, eps, vdt, ib, rec, flags, n_tok) = r.unpack(
+    (rnd, start, n_pos, temp, mode, k, eps, vdt, ib, rec, flags, n_tok) = r.unpack(
         _VERIFY.format.lstrip("<")
     )
     if n_tok > MAX_TOKENS:
@@ -176,29 +198,23 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
     tokens = np.frombuffer(r.take(4 * n_tok), dtype="<u4")
     r.done()
     problems = []
-    if mode >= len(TRANSMISSIONS):
-        problems.append(f"transmission code {mode}")
-    if vdt >= len(VALUE_DTYPES):
-        problems.append(f"value dtype code {vdt}")
-    if rec >= len(RECONSTRUCTIONS):
-        problems.append(f"reconstruction code {rec}")
-    if ib not in (0, 2, 3, 4):
-        problems.append(f"index bytes {ib}")
+    transmission = reconstruction = None
+    try:
+        transmission = _transmission(mode, k, eps, vdt, ib)
+    except ValueError as exc:
+        problems.append(f"transmission ({exc})")
+    try:
+        reconstruction = None if rec == _NO_RECONSTRUCTION else Reconstruction.from_code(rec)
+    except ValueError as exc:
+        problems.append(str(exc))
     if not (n_tok >= n_pos >= 1):
         problems.append(f"n_positions {n_pos} with {n_tok} tokens")
     if not (math.isfinite(temp) and temp >= 0):
         problems.append(f"temperature {temp}")
     if n_tok and int(tokens.max()) >= vocab_size:
         problems.append(f"token id {int(tokens.max())} >= V={vocab_size}")
-    if problems:
+    if problems or transmission is None:
         raise WireError("VERIFY: invalid " + ", ".join(problems))
-    transmission = Transmission(
-        TRANSMISSIONS[mode],
-        k=k or None,
-        epsilon=None if math.isnan(eps) else eps,
-        value_dtype=VALUE_DTYPES[vdt],
-        index_bytes=ib or None,
-    )
     return VerifyRequest(
         rid,
         start,
@@ -206,44 +222,59 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
         n_pos,
         temp,
         transmission,
-        RECONSTRUCTIONS[rec],
+        reconstruction,
         bool(flags & 1),
+        round=rnd,
     )
 
 
-_REPLY = struct.Struct("<ddI")  # f64 t_worker_ms, f64 local_l1, u32 payload length
+_REPLY = struct.Struct("<IddI")  # u32 round, f64 t_worker_ms, f64 local_l1, u32 payload length
 
 
 def encode_reply(reply: VerifyReply) -> bytes:
-    """VERIFY_REPLY body: f64 t_worker_ms, f64 local_l1 (NaN = not measured), u32 n, payload."""
-    return _REPLY.pack(reply.t_worker_ms, reply.local_l1, len(reply.payload)) + reply.payload
+    """VERIFY_REPLY body: str request_id, u32 round (the request and round it answers),
+    f64 t_worker_ms, f64 local_l1 (NaN = not measured), u32 n, n payload bytes."""
+    return (
+        _string(reply.request_id)
+        + _REPLY.pack(reply.round, reply.t_worker_ms, reply.local_l1, len(reply.payload))
+        + reply.payload
+    )
 
 
 def decode_reply(body: bytes) -> VerifyReply:
     r = _Reader(body, "VERIFY_REPLY")
-    t_ms, l1, n = r.unpack("ddI")
+    rid = r.string()
+    rnd, t_ms, l1, n = r.unpack("IddI")
     payload = bytes(r.take(n))
     r.done()
-    return VerifyReply(payload, t_ms, l1)
+    return VerifyReply(payload, t_ms, l1, request_id=rid, round=rnd)
 
 
 def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
-    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 27 fixed + 4 per token."""
+    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 39 fixed + 4 per token."""
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _VERIFY.size + 4 * n_tokens
 
 
-def reply_frame_bytes(payload_bytes: int) -> int:
-    """Bytes of one VERIFY_REPLY frame: 12 header + 20 fixed + the codec payload."""
-    return FRAME_OVERHEAD + _REPLY.size + payload_bytes
+def reply_frame_bytes(payload_bytes: int, request_id: str) -> int:
+    """Bytes of one VERIFY_REPLY frame: 12 header + 2 + len(id) + 24 fixed + the payload."""
+    return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _REPLY.size + payload_bytes
 
 
-_SCORE = struct.Struct("<fII")  # f32 temperature, u32 n_context, u32 n_tokens
+def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), with an error that says what was expected."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} {text!r} must look like HOST:PORT, e.g. 10.0.0.2:7100")
+    return host.strip("[]"), int(port)
+
+
+_SCORE = struct.Struct("<dII")  # f64 temperature, u32 n_context, u32 n_tokens
 
 
 def encode_score(
     request_id: str, sequence: Sequence[int], n_context: int, temperature: float
 ) -> bytes:
-    """SCORE body: str request_id, f32 T, u32 n_context (prompt length), u32 n, n x u32 ids.
+    """SCORE body: str request_id, f64 T, u32 n_context (prompt length), u32 n, n x u32 ids.
 
     The worker returns p_i(x_t | x_<t) at temperature T (T = 0: at T = 1) for every token
     after the first n_context."""
@@ -258,7 +289,7 @@ def decode_score(body: bytes, vocab_size: int) -> tuple[str, list[int], int, flo
     """Parse a SCORE body: (request_id, sequence, n_context, temperature)."""
     r = _Reader(body, "SCORE")
     rid = r.string()
-    temp, n_ctx, n = r.unpack("fII")
+    temp, n_ctx, n = r.unpack("dII")
     if n > MAX_TOKENS:
         raise WireError(f"SCORE: {n} tokens exceeds {MAX_TOKENS}")
     seq = np.frombuffer(r.take(4 * n), dtype="<u4")

@@ -1,6 +1,9 @@
 """A SpecFed worker: serves one target model to servers over TCP.
 
-    python -m specfed.worker --model qwen2.5-coder-1.5b --listen 0.0.0.0:7100
+    python -m specfed.worker --model qwen2.5-coder-1.5b --listen 127.0.0.1:7100
+
+(listen on a routable address, e.g. 10.0.0.2:7100 inside a Mininet host, only on networks you
+control: see --auth-token-file.)
 
 It loads the model once, then serves any number of connections and requests, one KV cache
 per (connection, request). Each connection starts with a HELLO handshake (protocol version,
@@ -27,23 +30,17 @@ import socketserver
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
 from specfed import wire
-from specfed.engine import LocalWorker, VerifyRequest
+from specfed.engine import LocalWorker
+from specfed.messages import VerifyRequest
 from specfed.models import ModelError, load_model
-from specfed.wire import Connection, ErrorCode, MsgType, WireError
+from specfed.wire import Connection, ErrorCode, MsgType, WireError, parse_addr
 
 log = logging.getLogger("specfed.worker")
-
-
-def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
-    """'HOST:PORT' -> (host, port), with an error that says what was expected."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{what} {text!r} must look like HOST:PORT, e.g. 10.0.0.2:7100")
-    return host.strip("[]"), int(port)
 
 
 class WorkerService:
@@ -102,7 +99,7 @@ class WorkerService:
                             log.warning("--exit-after %d reached: exiting now", self.exit_after)
                             os._exit(3)  # a crash, for failure experiments: no goodbye
                         try:
-                            reply = me.verify(_rekey(req, key))
+                            reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
                         except (ModelError, ValueError) as exc:
                             conn.send(
                                 MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc))
@@ -142,8 +139,6 @@ class WorkerService:
 
 def _rekey(req: VerifyRequest, key: str) -> VerifyRequest:
     """The same request under a per-connection session key (two servers may reuse ids)."""
-    from dataclasses import replace
-
     return replace(req, request_id=key)
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tabulate import tabulate
 
-from testbed.scenario import ScenarioError, check_file, load_scenario
+from specfed.config import ConfigError
+from testbed.scenario import check_file, check_scenario, expand, load_scenario
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -49,16 +51,13 @@ def _cleanup_stale(quiet: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.runner import RunError, run_scenario
+    from testbed.runner import RunError, Stopped, run_scenario
 
     try:
         sc = load_scenario(args.scenario, args.set)
-    except ScenarioError as exc:
+        check_scenario(sc)
+    except ConfigError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
-        return 2
-    report = check_file(args.scenario) if not args.set else None
-    if report is not None and not report.ok:
-        print(f"testbed: {report.message}", file=sys.stderr)
         return 2
     try:
         _cleanup_stale()
@@ -68,32 +67,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"\ntestbed: {exc}; what the run started was torn down", file=sys.stderr)
+        return 128 + exc.signum
     from testbed.results import summary_table
 
     print(summary_table(run_dir))
     print(f"results: {run_dir}")
-    if args.report:
-        try:
-            from analysis.cli import main as analysis_main
-        except ImportError as exc:
-            print(f"testbed: no report: the analysis package is missing ({exc})", file=sys.stderr)
-        else:
-            analysis_main(["report", str(run_dir)])
+    if args.report:  # hand over to the analysis command (analysis/ is not imported here)
+        cmd = [sys.executable, "-m", "analysis.cli", "report", str(run_dir)]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            print(f"testbed: the report failed: {' '.join(cmd)}", file=sys.stderr)
+            ok = False
     return 0 if ok else 1
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from testbed.calibrate import Tolerance, calibrate_pair
-    from testbed.linkemu import TcpSettings, build_net
-    from testbed.scenario import expand, link_options
-    from topologies import load_topology
+    from testbed.calibrate import calibrate_pair
+    from testbed.netbuild import scenario_net, tolerance
 
     if os.geteuid() != 0:
         print("testbed: calibrate needs root (Mininet)", file=sys.stderr)
         return 2
     try:
         sc = load_scenario(args.scenario, args.set)
-    except ScenarioError as exc:
+        check_scenario(sc)
+    except ConfigError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return 2
     _cleanup_stale()
@@ -104,21 +103,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             continue
         seen.add(p.infra_key)
         s = p.scenario
-        t = s["topology"]
-        topo = load_topology(t["name"], t.get("file"))(**t.get("params", {}))
-        default, per = link_options(s, topo.hosts(), topo.links())
-        net = s["network"]
-        tol = Tolerance(
-            net["rtt_tolerance_ms"], net["rtt_tolerance_pct"] / 100, net["goodput_min_ratio"]
-        )
-        with build_net(
-            topo,
-            per,
-            default=default,
-            label="calibrate",
-            backend=None if net["backend"] == "auto" else net["backend"],
-            tcp=TcpSettings(net["tcp_congestion"], net["tcp_slow_start_after_idle"]),
-        ) as emu:
+        tol = tolerance(s.spec.network)
+        with scenario_net(p, label="calibrate") as emu:
             for w in s.workers:
                 c = calibrate_pair(
                     emu, w, "srv", tolerance=tol, pings=args.pings, duration_s=args.seconds

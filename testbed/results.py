@@ -8,7 +8,7 @@ import pandas as pd
 
 from specfed import records
 
-KEYS = ["transmission", "k", "reconstruction", "gamma", "temperature"]
+KEYS = ["transmission", "k", "epsilon", "value_dtype", "reconstruction", "gamma", "temperature"]
 
 
 def load_requests(run_dir: Path) -> pd.DataFrame:
@@ -23,10 +23,13 @@ def summary_table(run_dir: Path) -> str:
     if df.empty:
         return "(no request finished)"
     ok = df[df["status"] == "ok"]
-    link_cols = [
-        c for c in df.columns if c.endswith(("_bw_mbit", "_delay_ms")) and ok[c].nunique() > 1
-    ]
-    by = [c for c in KEYS if c in ok] + link_cols
+    varying = [
+        c
+        for c in df.columns
+        if (c.endswith(("_bw_mbit", "_delay_ms", "_loss_pct", "_jitter_ms")) or "." in c)
+        and ok[c].nunique() > 1
+    ]  # link parameters and swept scenario paths that differ between points
+    by = [c for c in KEYS if c in ok and ok[c].notna().any()] + varying
     text = records.summary_table(ok, by)
     failed = len(df) - len(ok)
     return text + (f"\n{failed} request(s) failed: see events.jsonl" if failed else "")

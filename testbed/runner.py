@@ -23,19 +23,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from testbed.scenario import Point, Scenario, expand, link_options
-from topologies import load_topology
+from specfed.points import write_points
+from specfed.provenance import REPO, git_state, versions
+from testbed.scenario import REQUEST_PATHS, Scenario, ScenarioPoint, expand, group_points
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER_PORT = 7100
 
 
@@ -43,39 +42,17 @@ class RunError(RuntimeError):
     """A run could not go on; the message says which group / host / process and why."""
 
 
-def git_state() -> dict[str, Any]:
-    """The repository's commit and whether the work tree differs from it."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    sha = git("rev-parse", "HEAD")
-    return {
-        "sha": sha or "unknown",
-        "short": sha[:8] or "nogit",
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "numpy", "pandas", "specfed-testbed"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "missing"
-    return out
-
-
 def new_run_dir(scenario: Scenario, out_root: Path) -> Path:
-    """results/<scenario>/<utc>-<git-sha>/ (with a suffix if two runs start in one second)."""
+    """results/<scenario>/<utc>-<git-sha>/ (with a suffix if two runs start in one second).
+
+    The scenario name is one safe path component (the schema checks it); the folder is
+    checked again to lie inside `out_root` before anything is created.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    base = out_root / scenario.name / f"{stamp}-{git_state()['short']}"
+    root = out_root.resolve()
+    base = root / scenario.name / f"{stamp}-{git_state()['short']}"
+    if root not in base.resolve().parents:
+        raise RunError(f"run folder {base} would lie outside the results root {root}")
     run_dir, n = base, 1
     while run_dir.exists():
         n += 1
@@ -97,23 +74,40 @@ class Meta:
         tmp.replace(self.path)
 
 
-def _link_tags(emu: Any, workers: list[str]) -> dict[str, Any]:
-    """Constant columns for the tables: the access-link parameters (effective, queues
-    included) of every worker and of the server, and the link backend. `up` is host ->
-    switch."""
+def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
+    """Constant columns for the tables: the parameters (effective, queues included) of every
+    link, and the link backend. A host's access link is named by the host (`w1_up_bw_mbit`,
+    up = host -> switch), any other link by its nodes (`e1-s0_up_bw_mbit`, up = e1 -> s0)."""
     tags: dict[str, Any] = {"link_backend": emu.backend}
-    hosts = [*workers, "srv"]
+    hosts = {*workers, "srv"}
     for (a, b), spec in emu.links.items():
-        host = a if a in hosts else b if b in hosts else None
-        if host is None:
-            continue
-        up, down = (spec.up, spec.down) if host == a else (spec.down, spec.up)
+        if a in hosts or b in hosts:
+            name = a if a in hosts else b
+            up, down = (spec.up, spec.down) if name == a else (spec.down, spec.up)
+        else:
+            name, up, down = f"{a}-{b}", spec.up, spec.down
         for d, p in (("up", up), ("down", down)):
-            tags[f"{host}_{d}_bw_mbit"] = p.bw_mbit if p.bw_mbit is not None else ""
-            tags[f"{host}_{d}_delay_ms"] = p.delay_ms
-            tags[f"{host}_{d}_loss_pct"] = p.loss_pct
-            tags[f"{host}_{d}_queue_pkts"] = p.max_queue_size
+            tags[f"{name}_{d}_bw_mbit"] = p.bw_mbit if p.bw_mbit is not None else ""
+            tags[f"{name}_{d}_delay_ms"] = p.delay_ms
+            tags[f"{name}_{d}_jitter_ms"] = p.jitter_ms
+            tags[f"{name}_{d}_loss_pct"] = p.loss_pct
+            tags[f"{name}_{d}_queue_pkts"] = p.max_queue_size
     return tags
+
+
+def _swept_tags(point: ScenarioPoint, swept: Sequence[str]) -> dict[str, Any]:
+    """Constant columns for the swept paths that are not per-request options (those are
+    columns already): `decoding.max_new_tokens`, `models.dtype`, `links.e1-s0.bw_mbit`..."""
+    out = {}
+    for path in swept:
+        if path in REQUEST_PATHS:
+            continue
+        try:
+            value = point.scenario.get(path)
+        except KeyError:
+            value = ""
+        out[path] = "" if value is None else value
+    return out
 
 
 class Processes:
@@ -178,97 +172,60 @@ def _count_rows(path: Path) -> int:
 
 
 def _server_argv(
-    sc: Scenario,
-    group: list[Point],
+    point: ScenarioPoint,
     points_file: Path,
     run_dir: Path,
     run_id: str,
+    group_index: int,
     addrs: str,
     tags: dict[str, Any],
 ) -> list[str]:
-    m, d, to = sc["models"], sc["decoding"], sc["timeouts"]
-    workers = list(sc.workers)
+    s = point.scenario.spec
+    m, d, to = s.models, s.decoding, s.timeouts
+    workers = list(m.workers)
     argv = [
-        sys.executable,
-        "-m",
-        "specfed.server",
-        "--draft",
-        m["draft"],
-        "--workers",
-        addrs,
-        "--worker-names",
-        ",".join(workers),
-        "--points-file",
-        str(points_file),
-        "--prompts",
-        d["prompts"],
-        "--max-new-tokens",
-        str(d["max_new_tokens"]),
-        "--seed",
-        str(sc["seed"]),
-        "--dtype",
-        m["dtype"],
-        "--threads",
-        str(m["threads"]),
-        "--out",
-        str(run_dir),
-        "--run-id",
-        run_id,
-        "--on-worker-loss",
-        sc["on_worker_loss"],
-        "--connect-timeout",
-        str(to["connect_s"]),
-        "--read-timeout",
-        str(to["read_s"]),
-        "--round-timeout",
-        str(to["round_s"]),
+        sys.executable, "-m", "specfed.server",
+        "--draft", m.draft,
+        "--workers", addrs,
+        "--worker-names", ",".join(workers),
+        "--points-file", str(points_file),
+        "--prompts", d.prompts,
+        "--max-new-tokens", str(d.max_new_tokens),
+        "--seed", str(s.seed),
+        "--dtype", m.dtype,
+        "--threads", str(m.threads),
+        "--out", str(run_dir),
+        "--info-file", f"server-g{group_index}.json",
+        "--run-id", run_id,
+        "--on-worker-loss", s.on_worker_loss.value,
+        "--connect-timeout", repr(to.connect_s),
+        "--read-timeout", repr(to.read_s),
+        "--round-timeout", repr(to.round_s),
         "--quiet",
-    ]
-    if m.get("weights"):
-        argv += ["--weights", ",".join(str(m["weights"][w]) for w in workers)]
+    ]  # fmt: skip
+    if m.weights:
+        argv += ["--weights", ",".join(repr(m.weights[w]) for w in workers)]
     for k, v in tags.items():
         argv += ["--tag", f"{k}={v}"]
     return argv
 
 
-def _points_json(group: list[Point]) -> list[dict[str, Any]]:
-    out = []
-    for p in group:
-        tr, dec = p.scenario["transmission"], p.scenario["decoding"]
-        out.append(
-            {
-                "transmission": tr["mode"],
-                "k": tr["k"],
-                "reconstruction": tr["reconstruction"] if tr["mode"] != "full" else "none",
-                "gamma": dec["gamma"],
-                "temperature": dec["temperature"],
-                "epsilon": tr["epsilon"],
-                "value_dtype": tr["value_dtype"],
-                "point": p.index,
-                "rep": p.rep,
-            }
-        )
-    return out
-
-
 def run_group(
-    group: list[Point],
+    group: list[ScenarioPoint],
     run_dir: Path,
     run_id: str,
     meta: Meta,
     *,
     force: bool,
+    swept: Sequence[str],
     on_progress: Callable[[int], None],
 ) -> None:
     """Build the net for one group of points, run them, tear down (always)."""
-    from testbed.calibrate import Tolerance, calibrate_pair
-    from testbed.linkemu import TcpSettings, build_net
+    from testbed.calibrate import calibrate_pair
+    from testbed.netbuild import scenario_net, tolerance
 
     sc = group[0].scenario
-    t = sc["topology"]
-    topo = load_topology(t["name"], t.get("file"))(**t.get("params", {}))
-    default, per = link_options(sc, topo.hosts(), topo.links())
-    net_cfg = sc["network"]
+    spec = sc.spec
     gi = len(meta.data["groups"])
     info: dict[str, Any] = {
         "points": [p.index for p in group],
@@ -278,15 +235,7 @@ def run_group(
     }
     meta.data["groups"].append(info)
     t0 = time.monotonic()
-    emu = build_net(
-        topo,
-        per,
-        default=default,
-        backend=None if net_cfg["backend"] == "auto" else net_cfg["backend"],
-        tcp=TcpSettings(net_cfg["tcp_congestion"], net_cfg["tcp_slow_start_after_idle"]),
-        label=f"run-{run_id}-g{gi}",
-        seed=sc["seed"],
-    )
+    emu = scenario_net(group[0], label=f"run-{run_id}-g{gi}")
     procs = Processes(emu.state)
     try:
         info.update(
@@ -297,12 +246,8 @@ def run_group(
         )
         meta.data.setdefault("link_backend", emu.backend)
         workers = list(sc.workers)
-        if net_cfg["calibrate"]:
-            tol = Tolerance(
-                net_cfg["rtt_tolerance_ms"],
-                net_cfg["rtt_tolerance_pct"] / 100,
-                net_cfg["goodput_min_ratio"],
-            )
+        if spec.network.calibrate:
+            tol = tolerance(spec.network)
             cal = [
                 calibrate_pair(emu, w, "srv", tolerance=tol, pings=20, duration_s=1.0)
                 for w in workers
@@ -320,42 +265,35 @@ def run_group(
                         for c in bad
                     )
                 )
-        m = sc["models"]
+        m = spec.models
         addrs = []
         started = []
         for w in workers:
             host = emu.net[w]
             log = run_dir / "logs" / f"worker-{w}-g{gi}.log"
             argv = [
-                sys.executable,
-                "-m",
-                "specfed.worker",
-                "--model",
-                sc.workers[w],
-                "--listen",
-                f"{host.IP()}:{WORKER_PORT}",
-                "--threads",
-                str(m["threads"]),
-                "--dtype",
-                m["dtype"],
-                "--idle-timeout",
-                str(sc["timeouts"]["point_s"]),
-            ]
+                sys.executable, "-m", "specfed.worker",
+                "--model", m.workers[w],
+                "--listen", f"{host.IP()}:{WORKER_PORT}",
+                "--threads", str(m.threads),
+                "--dtype", m.dtype,
+                "--idle-timeout", repr(spec.timeouts.point_s),
+            ]  # fmt: skip
             started.append((procs.start(host, argv, log, f"worker {w}"), log, w))
             addrs.append(f"{host.IP()}:{WORKER_PORT}")
         for proc, log, w in started:
-            _wait_ready(proc, log, sc["timeouts"]["worker_ready_s"], f"worker {w}")
+            _wait_ready(proc, log, spec.timeouts.worker_ready_s, f"worker {w}")
         points_file = run_dir / f"points-g{gi}.json"
-        points_file.write_text(json.dumps(_points_json(group), indent=1))
-        tags = _link_tags(emu, workers)
+        write_points(points_file, [p.request for p in group])
+        tags = {**_link_tags(emu, workers), **_swept_tags(group[0], swept)}
         server_log = run_dir / "logs" / f"server-g{gi}.log"
         server = procs.start(
             emu.net["srv"],
-            _server_argv(sc, group, points_file, run_dir, run_id, ",".join(addrs), tags),
+            _server_argv(group[0], points_file, run_dir, run_id, gi, ",".join(addrs), tags),
             server_log,
             "server",
         )
-        deadline = time.monotonic() + sc["timeouts"]["point_s"] * len(group)
+        deadline = time.monotonic() + spec.timeouts.point_s * len(group)
         requests_csv = run_dir / "requests.csv"
         base = _count_rows(requests_csv)
         while server.poll() is None:
@@ -401,6 +339,7 @@ def run_scenario(
     run_dir = new_run_dir(scenario, out_root)
     run_id = run_dir.name
     (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.data, sort_keys=False))
+
     with (run_dir / "points.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["point", "rep", "values"])
@@ -422,33 +361,43 @@ def run_scenario(
         },
     )
     meta.save()
-    groups: list[list[Point]] = []
-    for p in points:
-        if groups and groups[-1][0].infra_key == p.infra_key and groups[-1][0].rep == p.rep:
-            groups[-1].append(p)
-        else:
-            groups.append([p])
+    groups = group_points(points)
+    swept = list(dict.fromkeys(path for p in points for path in p.values))
     n_prompts = _prompt_count(scenario)
     total = len(points) * n_prompts
     ok = True
     bar = tqdm(total=total, desc=scenario.name, unit="request", disable=not progress)
     done_before = 0
     try:
-        for gi, group in enumerate(groups):
-            bar.set_postfix_str(f"network {gi + 1}/{len(groups)}, {len(group)} points")
+        with _stop_on_signals():
+            for gi, group in enumerate(groups):
+                bar.set_postfix_str(f"network {gi + 1}/{len(groups)}, {len(group)} points")
 
-            def on_progress(n: int, base: int = done_before) -> None:
-                bar.n = min(total, base + n)
-                bar.refresh()
+                def on_progress(n: int, base: int = done_before) -> None:
+                    bar.n = min(total, base + n)
+                    bar.refresh()
 
-            try:
-                run_group(group, run_dir, run_id, meta, force=force, on_progress=on_progress)
-            except RunError as exc:
-                ok = False
-                print(
-                    f"\ntestbed: group {gi + 1} ({group[0].label}) failed: {exc}", file=sys.stderr
-                )
-            done_before += len(group) * n_prompts
+                try:
+                    run_group(
+                        group,
+                        run_dir,
+                        run_id,
+                        meta,
+                        force=force,
+                        swept=swept,
+                        on_progress=on_progress,
+                    )
+                except RunError as exc:
+                    ok = False
+                    print(
+                        f"\ntestbed: group {gi + 1} ({group[0].label}) failed: {exc}",
+                        file=sys.stderr,
+                    )
+                done_before += len(group) * n_prompts
+    except Stopped as exc:
+        ok = False
+        meta.data["stopped"] = str(exc)
+        raise
     finally:
         bar.close()
         meta.data["finished_utc"] = datetime.now(UTC).isoformat()
@@ -457,7 +406,33 @@ def run_scenario(
     return run_dir, ok
 
 
+class Stopped(BaseException):
+    """The run was stopped by a signal (SIGTERM, SIGHUP, SIGINT): everything it started is
+    torn down on the way out, the rows written so far stay."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM / SIGHUP / SIGINT into `Stopped`, so every `finally` (processes, links,
+    state files) runs as for Ctrl-C; the previous handlers come back afterwards."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _prompt_count(scenario: Scenario) -> int:
     from specfed.prompts import load_prompts
 
-    return len(load_prompts(scenario["decoding"]["prompts"]))
+    return len(load_prompts(scenario.spec.decoding.prompts))

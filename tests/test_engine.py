@@ -8,8 +8,11 @@ import torch
 from scipy import stats
 
 import specfed.engine as engine
-from specfed.engine import FederatedGenerator, LocalWorker, Transmission, mixture
-from specfed.models import KVSession, ModelError, make_tiny_model, probabilities, sample_index
+from specfed.engine import FederatedGenerator, LocalWorker, mixture
+from specfed.messages import Transmission
+from specfed.models import KVSession, ModelError, make_tiny_model, probabilities
+from specfed.options import Mode
+from specfed.sampling import sample_index
 
 CONTEXT = [1, 2, 3]
 WEIGHTS = (0.3, 0.7)
@@ -127,7 +130,7 @@ def test_draft_and_target_actually_differ(tiny_family):
 def test_topk_with_k_equal_v_is_full(tiny_family, reconstruction):
     full = make_generator(tiny_family, 3, reconstruction=reconstruction)
     topk = make_generator(
-        tiny_family, 3, reconstruction=reconstruction, transmissions=Transmission("topk", k=8)
+        tiny_family, 3, reconstruction=reconstruction, transmissions=Transmission(Mode.TOPK, k=8)
     )
     for seed in range(10):
         a = full.generate(CONTEXT, 12, seed=seed)
@@ -137,7 +140,7 @@ def test_topk_with_k_equal_v_is_full(tiny_family, reconstruction):
 
 
 def test_same_seed_same_output_and_records(tiny_family):
-    gen = make_generator(tiny_family, 2, transmissions=Transmission("topk", k=3))
+    gen = make_generator(tiny_family, 2, transmissions=Transmission(Mode.TOPK, k=3))
     a, b = gen.generate(CONTEXT, 10, seed=7), gen.generate(CONTEXT, 10, seed=7)
     assert a.tokens == b.tokens and len(a.tokens) == 10
     rows = a.round_rows()
@@ -200,7 +203,7 @@ def test_probabilities_temperature():
 def test_per_worker_k(tiny_family):
     """Each worker can use its own transmission (per-worker K); records show it."""
     gen = make_generator(
-        tiny_family, 2, transmissions=[Transmission("topk", k=2), Transmission("full")]
+        tiny_family, 2, transmissions=[Transmission(Mode.TOPK, k=2), Transmission(Mode.FULL)]
     )
     res = gen.generate(CONTEXT, 6, seed=0)
     for r in res.rounds:

@@ -17,14 +17,10 @@ import pytest
 from specfed import wire
 from specfed.client import RemoteWorker
 from specfed.codecs import make_codec
-from specfed.engine import (
-    FederatedGenerator,
-    LocalWorker,
-    Transmission,
-    VerifyRequest,
-    WorkerLost,
-)
+from specfed.engine import FederatedGenerator, LocalWorker, WorkerLost
+from specfed.messages import Transmission, VerifyRequest
 from specfed.models import ModelError, load_model, make_tiny_model
+from specfed.options import Mode
 from specfed.records import REQUEST_COLUMNS, ROUND_COLUMNS
 from specfed.wire import MsgType
 from tests.procs import WorkerProc
@@ -65,11 +61,11 @@ def remote(workers, draft, **kw):
 
 
 CASES = [
-    (Transmission("full"), "renormalize"),
-    (Transmission("topk", k=5), "renormalize"),
-    (Transmission("topk", k=5), "residual-mass"),
-    (Transmission("topk", k=5), "draft-guided"),
-    (Transmission("adaptive", k=16, epsilon=0.2), "residual-mass"),
+    (Transmission(Mode.FULL), "renormalize"),
+    (Transmission(Mode.TOPK, k=5), "renormalize"),
+    (Transmission(Mode.TOPK, k=5), "residual-mass"),
+    (Transmission(Mode.TOPK, k=5), "draft-guided"),
+    (Transmission(Mode.ADAPTIVE, k=16, epsilon=0.2), "residual-mass"),
 ]
 
 
@@ -104,7 +100,11 @@ def test_bytes_on_the_wire_match_the_formula(workers, local):
     clients = remote(workers, local["draft"])
     try:
         gen = FederatedGenerator(
-            local["draft"], clients, transmissions=Transmission("topk", k=5), gamma=3, parallel=True
+            local["draft"],
+            clients,
+            transmissions=Transmission(Mode.TOPK, k=5),
+            gamma=3,
+            parallel=True,
         )
         sent0 = [c.conn.bytes_sent for c in clients]
         recv0 = [c.conn.bytes_received for c in clients]
@@ -114,7 +114,7 @@ def test_bytes_on_the_wire_match_the_formula(workers, local):
             # first round: the prompt + drafts; later: the emitted token + drafts
             n_tokens = (len(CONTEXT) if r.round == 0 else 1) + r.n_drafted
             for w in r.workers:
-                assert w.bytes_up == wire.reply_frame_bytes(codec.encoded_size(r.n_drafted + 1, V))
+                assert w.bytes_up == wire.reply_frame_bytes(codec.encoded_size(r.n_drafted + 1, V), "bytes-test")
                 assert w.bytes_down == wire.verify_frame_bytes("bytes-test", n_tokens)
         end_frame = wire.FRAME_OVERHEAD + 2 + len("bytes-test")
         for i, c in enumerate(clients):
@@ -148,8 +148,8 @@ def _read_frame(sock):
     [
         b"GET / HTTP/1.1\r\n\r\n",  # not our magic
         struct.pack(">I4sBBH", 8, b"SPFD", 99, 1, 0),  # wrong version
-        struct.pack(">I4sBBH", 8, b"SPFD", 1, 77, 0),  # unknown type
-        struct.pack(">I4sBBH", 0x7FFFFFF0, b"SPFD", 1, 1, 0),  # 2 GB frame: refused unread
+        struct.pack(">I4sBBH", 8, b"SPFD", wire.PROTOCOL_VERSION, 77, 0),  # unknown type
+        struct.pack(">I4sBBH", 0x7FFFFFF0, b"SPFD", wire.PROTOCOL_VERSION, 1, 0),  # 2 GB frame: refused unread
         wire.frame(MsgType.HELLO, b"\x01\x02"),  # truncated body
         wire.frame(MsgType.VERIFY, b""),  # VERIFY before HELLO
     ],

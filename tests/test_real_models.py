@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from specfed.codecs import make_codec
-from specfed.engine import FederatedGenerator, LocalWorker, Transmission
+from specfed.engine import FederatedGenerator, LocalWorker
+from specfed.messages import Transmission
 from specfed.metrics import alpha, l1
 from specfed.models import KVSession, load_model, probabilities
+from specfed.options import Mode
 from specfed.prompts import load_prompts
 from specfed.reconstruct import RECONSTRUCTIONS, reconstruct
 from tests.procs import WorkerProc
@@ -45,7 +47,7 @@ def test_real_smoke_smollm_over_tcp(smollm, tmp_path):
         assert b.n_accepted == b.n_drafted  # draft == target
         assert len(b.rounds) < len(a.rounds)
         topk = FederatedGenerator(
-            smollm, [client], gamma=4, temperature=1.0, transmissions=Transmission("topk", k=64)
+            smollm, [client], gamma=4, temperature=1.0, transmissions=Transmission(Mode.TOPK, k=64)
         )
         res = topk.generate(ids, 16, seed=3)
         eps = [w.eps_mean for r in res.rounds for w in r.workers]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.scenario import ScenarioError, check_file, expand, link_options, load_scenario
+from testbed.linkparams import DirectionParams, LinkSpec
+from testbed.scenario import ScenarioError, check_file, expand, link_specs, load_scenario
 
 BASE = {
     "name": "t",
@@ -132,23 +133,21 @@ def test_random_order_is_seeded_and_keeps_groups(tmp_path):
     assert len(orders) > 1  # shuffled differently per repetition
 
 
-def test_link_options_map_units_and_directions(tmp_path):
+def test_link_specs_are_typed_numbers_per_direction(tmp_path):
     data = with_(
         "links.w2", {"delay_ms": 20, "up": {"bw_mbit": 10}, "down": {"bw_mbit": 50}, "loss_pct": 1}
     )
     sc = load_scenario(write(tmp_path, data))
-    default, per = link_options(
-        sc, ["srv", "w1", "w2"], [("srv", "s1"), ("w1", "s1"), ("w2", "s1")]
+    default, per = link_specs(
+        sc.spec.links, ["srv", "w1", "w2"], [("srv", "s1"), ("w1", "s1"), ("w2", "s1")]
     )
-    assert default == {"bw": 100.0, "delay": "1ms"}
-    assert per["w1"] == {"bw": 5.0, "delay": "1ms"}
-    assert per["w2"] == {
-        "bw": 100.0,
-        "delay": "20ms",
-        "loss": 1.0,
-        "up": {"bw": 10.0},
-        "down": {"bw": 50.0},
-    }
+    assert default == LinkSpec.symmetric(bw_mbit=100.0, delay_ms=1.0)
+    assert per["w1"] == LinkSpec.symmetric(bw_mbit=5.0, delay_ms=1.0)
+    assert per["w2"] == LinkSpec(
+        up=DirectionParams(bw_mbit=10.0, delay_ms=20.0, loss_pct=1.0),
+        down=DirectionParams(bw_mbit=50.0, delay_ms=20.0, loss_pct=1.0),
+    )
+    assert isinstance(per["w2"].up.delay_ms, float)
 
 
 def test_every_shipped_scenario_validates():
@@ -179,8 +178,8 @@ def test_user_topology_file_and_pair_keys(tmp_path):
     from topologies import load_topology
 
     topo = load_topology("line", topo_file)(n_workers=2)
-    _, per = link_options(load_scenario(p), topo.hosts(), topo.links())
-    assert per[("s1", "s2")] == {"bw": 7.0, "delay": "30ms"}
+    _, per = link_specs(load_scenario(p).spec.links, topo.hosts(), topo.links())
+    assert per[("s1", "s2")] == LinkSpec.symmetric(bw_mbit=7.0, delay_ms=30.0)
     bad = write(tmp_path, with_("topology", {"file": str(topo_file), "name": "ring"}), "b.yaml")
     assert "unknown topology 'ring'" in check_file(bad).message
 
@@ -190,6 +189,54 @@ def test_two_tier_uplink_keys(tmp_path):
     from topologies import load_topology
 
     topo = load_topology("two-tier")(n_groups=2, workers_per_group=2)
-    default, per = link_options(sc, topo.hosts(), topo.links())
-    assert per[("e1", "s0")]["bw"] == 50.0 and per[("e2", "s0")]["delay"] == "20ms"
-    assert default == {"bw": 100.0, "delay": "1ms"}
+    default, per = link_specs(sc.spec.links, topo.hosts(), topo.links())
+    assert per[("e1", "s0")].up.bw_mbit == 50.0 and per[("e2", "s0")].up.delay_ms == 20.0
+    assert default == LinkSpec.symmetric(bw_mbit=100.0, delay_ms=1.0)
+
+
+def test_every_error_of_a_file_at_once(tmp_path):
+    data = with_("decoding.gamma", -1)
+    data["links"]["w1"]["loss_pct"] = 150
+    data["network"] = {"backend": "ovs"}
+    data["colour"] = "red"
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(write(tmp_path, data))
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith(str(tmp_path / "s.yaml")) for line in lines)
+    for field in ("decoding.gamma", "links.w1.loss_pct", "network.backend", "colour"):
+        assert any(f": {field}: " in line for line in lines), field
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("name", "../../../tmp/x", r"name: must be one path component"),
+        ("name", "/tmp/x", r"name: must be one path component"),
+        ("decoding.temperature", float("nan"), r"decoding\.temperature: must be a finite number"),
+        ("links.w1.delay_ms", float("inf"), r"links\.w1\.delay_ms: must be a finite number"),
+        ("timeouts.point_s", float("inf"), r"timeouts\.point_s: must be a finite number"),
+        ("timeouts.point_s", 1e9, r"timeouts\.point_s: must be <= 604800"),
+        ("transmission.epsilon", 0, r"transmission\.epsilon: must be > 0"),
+        (
+            "network.tcp_congestion",
+            "bbr; touch /tmp/x",
+            r"network\.tcp_congestion: expected one of",
+        ),
+        ("models.weights", {"w1": float("nan"), "w2": 0.5}, r"models\.weights\.w1: must be a fin"),
+    ],
+)
+def test_hostile_values_refused(tmp_path, path, value, match):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(with_(path, value)))
+    with pytest.raises(ScenarioError, match=match):
+        load_scenario(p)
+
+
+def test_duplicate_keys_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "seed: 1\nseed: 2\n")
+    with pytest.raises(
+        ScenarioError, match=r"dup\.yaml: line \d+, column 1: .*duplicate key 'seed'"
+    ):
+        load_scenario(p)

@@ -97,9 +97,10 @@ def test_smoke_scenario_end_to_end(env, tmp_path):
     serialization_ms = full.bytes_up * 8 / (full.w1_up_bw_mbit * 1e6) * 1e3
     assert (full.t_net_ms >= serialization_ms).all(), (full.t_net_ms, serialization_ms)
     assert serialization_ms.max() > 200  # 164 KB at 5 Mbit/s: the check is not vacuous
-    # top-K rounds are faster than full ones on the 5 Mbit/s link
+    # top-K rounds are faster than full ones on the 5 Mbit/s link (medians: one round can
+    # be delayed by the shared CPU, and a request's last round may send fewer positions)
     topk = w1[w1.transmission == "topk"]
-    assert topk.t_round_ms.max() < full.t_round_ms.min()
+    assert topk.t_round_ms.median() < full.t_round_ms.median()
     # a normal run leaves nothing behind: its state file is removed only once every
     # recorded process, device and namespace is gone (checked by the teardown)
     assert not list((tmp_path / "state").glob("*.jsonl"))

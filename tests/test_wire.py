@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specfed import wire
-from specfed.engine import Transmission, VerifyReply, VerifyRequest
+from specfed.messages import Transmission, VerifyReply, VerifyRequest
+from specfed.options import Mode, ValueDtype
 from specfed.wire import MsgType, WireError
 
 V = 1000
@@ -35,7 +36,7 @@ def _request(**kw):
         tokens=[1, 2, 999],
         n_positions=2,
         temperature=0.7,
-        transmission=Transmission("topk", k=64, index_bytes=3),
+        transmission=Transmission(Mode.TOPK, k=64, index_bytes=3),
         reconstruction="draft-guided",
         measure_fidelity=False,
     )
@@ -45,13 +46,18 @@ def _request(**kw):
 def test_round_trips():
     req = _request()
     got = wire.decode_verify(wire.encode_verify(req), V)
-    assert got == VerifyRequest(**{**req.__dict__, "temperature": pytest.approx(0.7)})
-    ad = _request(transmission=Transmission("adaptive", k=256, epsilon=0.05, value_dtype="fp16"))
+    assert got == req
+    ad = _request(
+        transmission=Transmission(Mode.ADAPTIVE, k=256, epsilon=0.05, value_dtype=ValueDtype.FP16)
+    )
     back = wire.decode_verify(wire.encode_verify(ad), V).transmission
     assert (back.mode, back.k, back.value_dtype) == ("adaptive", 256, "fp16")
     assert back.epsilon == pytest.approx(0.05)
-    rep = wire.decode_reply(wire.encode_reply(VerifyReply(b"abc", 12.5, math.nan)))
+    rep = wire.decode_reply(
+        wire.encode_reply(VerifyReply(b"abc", 12.5, math.nan, request_id="r1", round=3))
+    )
     assert rep.payload == b"abc" and rep.t_worker_ms == 12.5 and math.isnan(rep.local_l1)
+    assert (rep.request_id, rep.round) == ("r1", 3)
     h = wire.Hello(151936, "abcd", "qwen", "worker")
     assert wire.Hello.decode(h.encode()) == h
     assert wire.decode_error(wire.encode_error(wire.ErrorCode.VOCABULARY, "x")) == (4, "x")
@@ -77,9 +83,10 @@ def test_frame_sizes_match_formulas():
     assert len(wire.frame(MsgType.VERIFY, wire.encode_verify(req))) == wire.verify_frame_bytes(
         "r1", 17
     )
-    assert len(
-        wire.frame(MsgType.VERIFY_REPLY, wire.encode_reply(VerifyReply(b"x" * 321, 1.0)))
-    ) == wire.reply_frame_bytes(321)
+    reply = VerifyReply(b"x" * 321, 1.0, request_id="r1")
+    assert len(wire.frame(MsgType.VERIFY_REPLY, wire.encode_reply(reply))) == (
+        wire.reply_frame_bytes(321, "r1")
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,11 +107,11 @@ def test_header_checks():
     with pytest.raises(WireError, match="magic"):
         wire.parse_frame(good[:4] + b"XXXX" + good[8:])
     with pytest.raises(WireError, match="version"):
-        wire.parse_frame(good[:8] + b"\x02" + good[9:])
+        wire.parse_frame(good[:8] + bytes([wire.PROTOCOL_VERSION + 1]) + good[9:])
     with pytest.raises(WireError, match="unknown message type"):
         wire.parse_frame(good[:9] + b"\x63" + good[10:])
     with pytest.raises(WireError, match="exceeds the cap"):
-        wire.parse_frame(struct.pack(">I4sBBH", 2**31, b"SPFD", 1, 1, 0))
+        wire.parse_frame(struct.pack(">I4sBBH", 2**31, b"SPFD", wire.PROTOCOL_VERSION, 1, 0))
     with pytest.raises(WireError, match="says"):
         wire.parse_frame(good[:-1])
     for cut in range(len(good)):
@@ -150,7 +157,7 @@ def test_huge_length_refused_before_reading(length):
     without waiting for (or allocating) the body."""
     a, b = socket.socketpair()
     a.settimeout(2)
-    b.sendall(struct.pack(">I4sBBH", length, b"SPFD", 1, 3, 0))
+    b.sendall(struct.pack(">I4sBBH", length, b"SPFD", wire.PROTOCOL_VERSION, 3, 0))
     conn = wire.Connection(a, max_frame=2**16)
     with pytest.raises(WireError, match="exceeds the cap"):
         conn.recv()

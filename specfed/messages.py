@@ -1,0 +1,165 @@
+"""What server and workers say to each other, as types: below both the engine and the wire.
+
+`Transmission` is the one typed form of "how a worker encodes its distributions": the
+scenario's transmission block, the server's command line, a point file and a VERIFY frame
+all become one, and it is validated in one place (constructing it builds its codec, whose
+constructor checks the parameters). `VerifyRequest` / `VerifyReply` are one round's
+exchange with one worker; `specfed.wire` turns them into bytes, `specfed.engine` produces
+and consumes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from specfed.codecs import Codec, make_codec
+from specfed.options import Mode, Reconstruction, ValueDtype
+
+__all__ = ["Transmission", "VerifyReply", "VerifyRequest"]
+
+
+@dataclass(frozen=True)
+class Transmission:
+    """How a worker encodes its distributions p_i^(1..gamma+1).
+
+    Attributes:
+        mode: full, topk or adaptive (`specfed.options.Mode`).
+        k: topk: K, the entries kept per position; adaptive: the cap on K; full: None.
+        epsilon: adaptive only: keep the smallest K whose mass reaches 1 - epsilon.
+        value_dtype: how values are written on the wire (`specfed.options.ValueDtype`).
+        index_bytes: top-K index width in bytes, 2, 3 or 4 (None = the smallest that holds
+            V - 1); full: None.
+
+    A parameter that does not belong to the mode is an error; `Transmission.of` drops such
+    parameters instead (a scenario's defaults give every mode an epsilon, say).
+    """
+
+    mode: Mode = Mode.FULL
+    k: int | None = None
+    epsilon: float | None = None
+    value_dtype: ValueDtype = ValueDtype.FP32
+    index_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode, "transmission mode"))
+        object.__setattr__(self, "value_dtype", ValueDtype.parse(self.value_dtype, "value_dtype"))
+        for name in ("k", "index_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if self.epsilon is not None and not (
+            isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon)
+        ):
+            raise ValueError(f"epsilon must be a finite number, got {self.epsilon!r}")
+        # The codec's constructor is the one place that checks the parameters.
+        codec = make_codec(
+            self.mode.value,
+            k=self.k if self.mode == Mode.TOPK else None,
+            epsilon=self.epsilon if self.mode == Mode.ADAPTIVE else None,
+            k_max=self.k if self.mode == Mode.ADAPTIVE else None,
+            value_dtype=self.value_dtype.value,
+            index_bytes=self.index_bytes,
+        )
+        if self.mode == Mode.ADAPTIVE and self.k is None:
+            raise ValueError("adaptive transmission needs k (the cap on K)")
+        if self.mode != Mode.ADAPTIVE and self.epsilon is not None:
+            raise ValueError(f"{self.mode} transmission takes no epsilon={self.epsilon!r}")
+        self.__dict__["_codec"] = codec  # not a field: no effect on eq, repr, asdict
+
+    @classmethod
+    def of(
+        cls,
+        mode: Mode | str,
+        k: int | None = None,
+        epsilon: float | None = None,
+        value_dtype: ValueDtype | str = ValueDtype.FP32,
+        index_bytes: int | None = None,
+    ) -> Transmission:
+        """The transmission for `mode`, keeping only the parameters that mode uses."""
+        m = Mode.parse(mode, "transmission mode")
+        return cls(
+            m,
+            k=None if m == Mode.FULL else k,
+            epsilon=epsilon if m == Mode.ADAPTIVE else None,
+            value_dtype=ValueDtype.parse(value_dtype, "value_dtype"),
+            index_bytes=None if m == Mode.FULL else index_bytes,
+        )
+
+    def codec(self) -> Codec:
+        """The codec that implements this transmission."""
+        codec: Codec = self.__dict__["_codec"]
+        return codec
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: full, topk64, adaptive(0.01,256), with :fp16 if fp16."""
+        if self.mode == Mode.TOPK:
+            name = f"topk{self.k}"
+        elif self.mode == Mode.ADAPTIVE:
+            name = f"adaptive({self.epsilon},{self.k})"
+        else:
+            name = "full"
+        return name if self.value_dtype == ValueDtype.FP32 else f"{name}:{self.value_dtype}"
+
+    def columns(self) -> dict[str, Any]:
+        """The record columns that describe this transmission."""
+        return {
+            "transmission": self.mode.value,
+            "k": self.k,
+            "epsilon": self.epsilon,
+            "value_dtype": self.value_dtype.value,
+            "index_bytes": self.index_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """What the server asks of one worker in one round.
+
+    The worker crops its KV cache of `request_id` to `start` tokens, runs one forward pass over
+    `tokens` and returns its distributions at the last `n_positions` (= gamma + 1) positions.
+    `round` numbers the rounds of a request from 0; the reply names the request and round it
+    answers, so a stale or misrouted reply is detected.
+    """
+
+    request_id: str
+    start: int
+    tokens: list[int]
+    n_positions: int
+    temperature: float
+    transmission: Transmission
+    reconstruction: Reconstruction | None = Reconstruction.RENORMALIZE
+    measure_fidelity: bool = True
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reconstruction is not None:
+            rec = Reconstruction.parse(self.reconstruction, "reconstruction")
+            object.__setattr__(self, "reconstruction", rec)
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    """A worker's answer to one VerifyRequest.
+
+    Attributes:
+        payload: the codec's bytes (what crosses the network).
+        t_worker_ms: the worker's compute: forward pass + softmax + encode.
+        local_l1: mean over positions of ||p_i - p_hat_i||_1, computed by the worker from its
+            exact p_i (NaN for draft-guided: the worker does not have q; NaN if not measured).
+        request_id, round: the request and round this reply answers.
+        bytes_up: bytes the reply took on the wire (payload alone in process; frames on TCP).
+        bytes_down: bytes the request took on the wire.
+        t_send_ms: time the server spent writing the request (0 in process).
+    """
+
+    payload: bytes
+    t_worker_ms: float
+    local_l1: float = math.nan
+    request_id: str = ""
+    round: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    t_send_ms: float = 0.0

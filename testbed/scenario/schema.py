@@ -1,0 +1,243 @@
+"""The scenario file's schema: one pydantic model per section, every field documented.
+
+The models are the single source of truth for a scenario's fields: their types, defaults,
+ranges and meanings. `testbed validate` checks files against them, the JSON Schema for
+editors and the field reference (docs/scenario-reference.md) are generated from them
+(`python -m testbed.scenario.reference`). Units: ms, Mbit/s, percent, seconds; link delays
+are ONE-WAY per direction.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SkipValidation, ValidationInfo, field_validator, model_validator
+
+from specfed.config import StrictModel
+from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype
+from specfed.points import MAX_GAMMA
+
+__all__ = [
+    "SAFE_NAME",
+    "TCP_CONGESTION",
+    "Decoding",
+    "Direction",
+    "Link",
+    "Models",
+    "Network",
+    "ScenarioSpec",
+    "Timeouts",
+    "Topology",
+    "TransmissionBlock",
+]
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A name that is one safe path component (it names the results folder)."""
+
+TCP_CONGESTION = (
+    "bbr", "cubic", "reno", "bic", "cdg", "dctcp", "highspeed", "htcp", "hybla", "illinois",
+    "lp", "nv", "scalable", "vegas", "veno", "westwood", "yeah",
+)  # fmt: skip
+"""Linux TCP congestion-control names a scenario may ask for (the kernel must allow it)."""
+
+Int = Annotated[int, Field(strict=True)]
+Seconds = Annotated[float, Field(ge=0.1, le=7 * 24 * 3600)]
+
+
+class Direction(StrictModel):
+    """One direction of a link. A field left out inherits (from the link, then `default`);
+    `bw_mbit: null` means no rate limit."""
+
+    bw_mbit: Annotated[float, Field(ge=1e-3, le=1e5)] | None = None
+    """rate in Mbit/s (10^6 bit/s of Ethernet frames); null = unlimited"""
+    delay_ms: Annotated[float, Field(ge=0, le=1e5)] = 0.0
+    """ONE-WAY propagation delay of this direction, ms"""
+    loss_pct: Annotated[float, Field(ge=0, le=100)] = 0.0
+    """independent random packet loss, percent"""
+    jitter_ms: Annotated[float, Field(ge=0, le=1e5)] = 0.0
+    """+- uniform variation of the delay, ms (no reordering)"""
+    queue_pkts: Annotated[int, Field(ge=1, le=10_000_000, strict=True)] | None = None
+    """drop-tail queue limit in packets; null = twice the bandwidth-delay product (>= 64)"""
+
+
+class Link(Direction):
+    """A link: fields for both directions, and optional per-direction overrides. `up` is
+    host -> switch for a host's access link, node1 -> node2 for an `A-B` key."""
+
+    up: Direction | None = None
+    """overrides for the up direction"""
+    down: Direction | None = None
+    """overrides for the down direction"""
+
+
+class Topology(StrictModel):
+    """Which topology to build (structure only; link parameters come from `links`)."""
+
+    name: Annotated[str, Field(min_length=1)] = "star"
+    """a registered topology (star, two-tier) or one in `file`'s `topos = {...}`"""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """keyword arguments of the topology class, e.g. {n_workers: 2}"""
+    file: str | None = None
+    """a Python file with a Mininet-style `topos = {name: class}` registry. It is CODE:
+    `testbed validate` and `testbed run` import and execute it, like Mininet's --custom"""
+
+
+class Models(StrictModel):
+    """Which model runs where."""
+
+    draft: Annotated[str, Field(min_length=1)]
+    """the server's draft model: bundle name, HF folder, .gguf file, or tiny-v<V>-s<seed>"""
+    workers: dict[str, Annotated[str, Field(min_length=1)]]
+    """worker host -> its target model, e.g. {w1: qwen2.5-coder-1.5b}"""
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    """worker host -> w_i (>= 0, sum 1) of the mixture p = sum_i w_i p_i; null = equal"""
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    """weight dtype of every model; softmax and codecs always run in fp32 or better"""
+    threads: Annotated[int, Field(ge=1, le=256, strict=True)] = 1
+    """torch threads per process"""
+
+    @field_validator("workers")
+    @classmethod
+    def _some_workers(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("needs at least one worker, e.g. {w1: qwen2.5-coder-1.5b}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_match(
+        cls, v: dict[str, float] | None, info: ValidationInfo
+    ) -> dict[str, float] | None:
+        workers = info.data.get("workers")
+        if v is None or workers is None:
+            return v
+        if set(v) != set(workers):
+            raise ValueError(f"give a weight for every worker: {', '.join(workers)}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"must sum to 1, sum is {sum(v.values())}")
+        return v
+
+
+class Decoding(StrictModel):
+    """How requests are decoded."""
+
+    gamma: Annotated[int, Field(ge=0, le=MAX_GAMMA, strict=True)] = 4
+    """drafted tokens per round (0 = federated autoregressive decoding)"""
+    temperature: Annotated[float, Field(ge=0, le=100)] = 1.0
+    """T for draft and targets (0 = greedy)"""
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000, strict=True)] = 32
+    """tokens generated per request"""
+    prompts: Annotated[str, Field(min_length=1)] = "humaneval[:4]"
+    """humaneval[a:b], a .jsonl file with a "prompt" per line, ids:1,2,3, or a literal prompt"""
+
+
+class TransmissionBlock(StrictModel):
+    """How workers encode their distributions, and how the server rebuilds them."""
+
+    mode: Mode = Mode.FULL
+    """full: all V probabilities; topk: the K largest; adaptive: smallest K with mass >= 1-eps"""
+    k: Annotated[int, Field(ge=1, strict=True)] | None = None
+    """topk: K; adaptive: the cap on K (ignored by full)"""
+    reconstruction: Reconstruction = Reconstruction.RENORMALIZE
+    """renormalize, residual-mass or draft-guided (ignored by full)"""
+    epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    """adaptive: the mass left out per position (ignored by the other modes)"""
+    value_dtype: ValueDtype = ValueDtype.FP32
+    """probability values on the wire: fp32 or fp16"""
+
+    @field_validator("k")
+    @classmethod
+    def _k_for_sparse(cls, v: int | None, info: ValidationInfo) -> int | None:
+        mode = info.data.get("mode")
+        if v is None and mode in (Mode.TOPK, Mode.ADAPTIVE):
+            raise ValueError(f"{mode} transmission needs k (K, or the cap on K)")
+        return v
+
+
+class Network(StrictModel):
+    """Link emulation, TCP settings and calibration."""
+
+    backend: Literal["auto", "tc", "tap"] = "auto"
+    """tc: Mininet TCLink (needs netem); tap: userspace forwarder per link; auto: tc if netem"""
+    tcp_congestion: Literal[TCP_CONGESTION] = "bbr"  # type: ignore[valid-type]
+    """TCP congestion control pinned in every host (the kernel must allow it)"""
+    tcp_slow_start_after_idle: Literal[0, 1] = 0
+    """net.ipv4.tcp_slow_start_after_idle in every host"""
+    calibrate: bool = True
+    """measure every worker path's RTT and goodput before trusting it"""
+    rtt_tolerance_ms: Annotated[float, Field(ge=0, le=1e4)] = 0.5
+    """calibration: allowed RTT error, ms (plus rtt_tolerance_pct of the RTT)"""
+    rtt_tolerance_pct: Annotated[float, Field(ge=0, le=100)] = 3.0
+    """calibration: allowed RTT error, percent of the configured RTT"""
+    goodput_min_ratio: Annotated[float, Field(ge=0, le=1)] = 0.90
+    """calibration: least TCP goodput / configured rate accepted"""
+
+
+class Timeouts(StrictModel):
+    """Bounds on waiting, seconds (0.1 s to 7 days)."""
+
+    worker_ready_s: Seconds = 600.0
+    """a worker process loading its model"""
+    connect_s: Seconds = 10.0
+    """the server connecting to a worker"""
+    read_s: Seconds = 120.0
+    """one socket read"""
+    round_s: Seconds = 300.0
+    """one worker's whole round (request sent -> reply read)"""
+    point_s: Seconds = 3600.0
+    """one point (all its requests); a group of points gets this times its size"""
+
+
+Sweep = dict[str, list[Any]]
+
+
+class ScenarioSpec(StrictModel):
+    """A scenario file: what to build, what to run, what to vary."""
+
+    name: Annotated[str, Field(pattern=SAFE_NAME)]
+    """names the results folder results/<name>/...: letters, digits, '.', '_', '-'"""
+    description: str = ""
+    """free text, copied into the results"""
+    seed: Annotated[int, Field(ge=0, strict=True)] = 0
+    """request i of every point uses seed + i (points are coupled)"""
+    repetitions: Annotated[int, Field(ge=1, le=1000, strict=True)] = 1
+    """how many times every point runs"""
+    random_order: bool = False
+    """shuffle groups and points per repetition (seeded by `seed`)"""
+    topology: Topology = Topology()
+    """the network's structure"""
+    links: dict[str, Link] = Field(default_factory=lambda: {"default": Link()})
+    """`default` (every link), a host name (its access link), or `A-B` (the link A-B)"""
+    models: Models
+    """models of the server and the workers"""
+    decoding: Decoding = Decoding()
+    """decoding options"""
+    transmission: TransmissionBlock = TransmissionBlock()
+    """transmission options"""
+    sweep: SkipValidation[Sweep | list[Sweep]] = Field(default_factory=dict)
+    """{dotted.path: [values]} (their cross product), or a list of such blocks (the union);
+    shorthands: transmission, k, reconstruction, gamma, temperature"""
+    network: Network = Network()
+    """link emulation and calibration"""
+    timeouts: Timeouts = Timeouts()
+    """timeouts"""
+    on_worker_loss: LossPolicy = LossPolicy.FAIL
+    """fail: end the request; continue: drop the worker, renormalize the weights"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_first(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data:
+            data = {**data}
+            # pydantic says "missing"; say what the name is for.
+            data.setdefault("name", None)
+        return data
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_given(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("missing (every scenario needs a name; it names the results folder)")
+        if isinstance(v, str) and ("/" in v or v in (".", "..")):
+            raise ValueError(f"must be one path component (no '/'), got {v!r}")
+        return v

@@ -1,0 +1,305 @@
+"""Loading a scenario (with `--set` overrides) and expanding its sweep into points.
+
+A sweep expands to points (the cross product of its lists, or the union of several such
+blocks) x repetitions. Each point is a whole resolved scenario, validated like the file; its
+per-request options become a `specfed.points.Point`, the type the server reads. Points that
+differ only in per-request options (REQUEST_PATHS) share one network and one set of worker
+processes (`infra_key`); anything else rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from specfed.config import (
+    ConfigError,
+    cross_product,
+    get_path,
+    load_yaml,
+    parse_yaml_text,
+    set_path,
+    validation_problems,
+)
+from specfed.options import Mode, Reconstruction
+from specfed.points import Point
+from testbed.scenario.schema import ScenarioSpec
+
+__all__ = [
+    "REQUEST_PATHS",
+    "SWEEP_SHORTHANDS",
+    "Scenario",
+    "ScenarioError",
+    "ScenarioPoint",
+    "expand",
+    "group_points",
+    "load_scenario",
+    "scenario_from_dict",
+]
+
+#: Options the server takes per request: sweeping them reuses the running net and workers.
+REQUEST_PATHS = (
+    "decoding.gamma",
+    "decoding.temperature",
+    "transmission.mode",
+    "transmission.k",
+    "transmission.reconstruction",
+    "transmission.epsilon",
+    "transmission.value_dtype",
+)
+SWEEP_SHORTHANDS = {
+    "transmission": "transmission.mode",
+    "k": "transmission.k",
+    "reconstruction": "transmission.reconstruction",
+    "gamma": "decoding.gamma",
+    "temperature": "decoding.temperature",
+}
+
+ScenarioError = ConfigError
+"""A scenario is invalid: every line names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario file (`spec`), with the file it came from."""
+
+    path: Path
+    spec: ScenarioSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def workers(self) -> dict[str, str]:
+        """Worker host -> model, in file order."""
+        return dict(self.spec.models.workers)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """Every field, defaults filled in, as plain YAML/JSON values."""
+        return self.spec.model_dump(mode="json")
+
+    def get(self, path: str) -> Any:
+        """The value at a dotted path (e.g. 'links.w1.bw_mbit'), as plain data."""
+        return get_path(self.data, path)
+
+
+def _known_path(path: str) -> bool:
+    """Whether a dotted sweep path names a scenario field (dict keys such as link and
+    worker names are free)."""
+    from testbed.scenario.schema import Link, Models
+
+    head, _, rest = path.partition(".")
+    if head not in ScenarioSpec.model_fields or head in ("sweep", "repetitions", "name"):
+        return False
+    if not rest:
+        return True
+    if head == "links":
+        key, _, field = rest.partition(".")
+        if not field:
+            return bool(key)
+        fld, _, sub = field.partition(".")
+        if fld in ("up", "down"):
+            return sub in Link.model_fields and sub not in ("up", "down")
+        return fld in Link.model_fields and not sub
+    if head == "models" and rest.split(".")[0] in ("workers", "weights"):
+        return len(rest.split(".")) <= 2
+    if head == "topology" and rest.startswith("params"):
+        return True
+    section = ScenarioSpec.model_fields[head].annotation
+    fields = getattr(section, "model_fields", {})
+    return rest in fields or (head == "models" and rest in Models.model_fields)
+
+
+def _check_sweep(raw: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    """Problems of the sweep's shape and paths (values are checked per point)."""
+    sweep = raw.get("sweep", {})
+    blocks = sweep if isinstance(sweep, list) else [sweep]
+    problems = []
+    if not isinstance(sweep, dict | list):
+        return [
+            ("sweep", f"expected a mapping of path -> [values], or a list of them, got {sweep!r}")
+        ]
+    for n, block in enumerate(blocks):
+        where = f"sweep[{n}]" if isinstance(sweep, list) else "sweep"
+        if not isinstance(block, dict):
+            problems.append((where, f"expected a mapping of path -> [values], got {block!r}"))
+            continue
+        for key, values in block.items():
+            if not isinstance(values, list) or not values:
+                problems.append((f"{where}.{key}", f"expected a non-empty list, got {values!r}"))
+            if not _known_path(SWEEP_SHORTHANDS.get(str(key), str(key))):
+                problems.append(
+                    (
+                        f"{where}.{key}",
+                        "not a scenario field (use a dotted path such as links.w1.bw_mbit, "
+                        "or transmission, k, reconstruction, gamma, temperature)",
+                    )
+                )
+    return problems
+
+
+def scenario_from_dict(raw: Any, source: str, path: Path | None = None) -> Scenario:
+    """Validate a parsed scenario; ConfigError listing every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", f"expected a mapping of fields, got {raw!r}")])
+    problems: list[tuple[str, str]] = []
+    try:
+        spec = ScenarioSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems += validation_problems(exc, model=ScenarioSpec)
+        spec = None
+    problems += _check_sweep(raw, source)
+    if problems or spec is None:
+        raise ConfigError(source, problems)
+    return Scenario(path or Path(source), spec)
+
+
+def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
+    """Read a scenario file, apply `--set PATH=VALUE` overrides (values parsed as YAML;
+    the sweep shorthands work as paths) and validate it."""
+    path = Path(path)
+    raw = load_yaml(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {item!r}", [("", "expected PATH=VALUE, e.g. decoding.gamma=6")]
+            )
+        parsed = parse_yaml_text(value, f"--set {key}")
+        if not isinstance(raw, dict):
+            break  # reported by validation
+        try:
+            raw = set_path(raw, SWEEP_SHORTHANDS.get(key, key), parsed)
+        except ValueError as exc:
+            raise ConfigError(f"--set {key}", [("", str(exc))]) from exc
+    return scenario_from_dict(raw, str(path), path)
+
+
+@dataclass(frozen=True)
+class ScenarioPoint:
+    """One sweep point x repetition: its index, the values it sets, the resolved scenario."""
+
+    index: int
+    values: dict[str, Any]
+    scenario: Scenario
+    rep: int = 0
+
+    @property
+    def request(self) -> Point:
+        """The per-request options, as the server reads them."""
+        s = self.scenario.spec
+        t = s.transmission
+        return Point.of(
+            gamma=s.decoding.gamma,
+            temperature=s.decoding.temperature,
+            mode=t.mode,
+            k=t.k,
+            reconstruction=t.reconstruction,
+            epsilon=t.epsilon,
+            value_dtype=t.value_dtype,
+            point=self.index,
+            rep=self.rep,
+        )
+
+    @property
+    def infra_key(self) -> str:
+        """Everything but the per-request options: equal keys share a net and workers."""
+        data = self.scenario.data
+        for path in REQUEST_PATHS:
+            section, key = path.split(".")
+            data[section].pop(key, None)
+        for key in ("sweep", "repetitions", "description"):
+            data.pop(key, None)
+        return json.dumps(data, sort_keys=True)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "base"
+
+
+def expand(scenario: Scenario, repetitions: int | None = None) -> list[ScenarioPoint]:
+    """Sweep points x repetitions, in run order.
+
+    Order: repetition-major; within a repetition points are grouped by network (infra_key)
+    so a group shares one net and one set of workers. With random_order, groups and the
+    points inside each group are shuffled per repetition (seeded by the scenario seed).
+    Full transmission has no k and reconstruction, so points differing only there collapse.
+    Raises ConfigError listing every invalid point.
+    """
+    spec = scenario.spec
+    base = scenario.data
+    base["sweep"] = {}
+    points: list[ScenarioPoint] = []
+    seen: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    combos = cross_product(
+        [{SWEEP_SHORTHANDS.get(k, k): v for k, v in b.items()} for b in _blocks(spec.sweep)]
+    )
+    for values in combos:
+        data = base
+        for k, v in values.items():
+            data = set_path(data, k, v)
+        if data["transmission"]["mode"] == Mode.FULL.value:  # no K, no reconstruction
+            data = set_path(data, "transmission.k", None)
+            data = set_path(data, "transmission.reconstruction", Reconstruction.RENORMALIZE.value)
+            values = {
+                k: v
+                for k, v in values.items()
+                if k not in ("transmission.k", "transmission.reconstruction")
+            }
+        source = f"{scenario.path} (sweep {values})"
+        try:
+            resolved = scenario_from_dict(data, source, scenario.path)
+        except ConfigError as exc:
+            problems += [(p, f"{m} (in sweep point {values})") for p, m in exc.problems]
+            continue
+        point = ScenarioPoint(len(points), values, resolved)
+        try:
+            request = point.request
+        except (ValueError, ValidationError) as exc:
+            problems.append(("transmission", f"{exc} (in sweep point {values})"))
+            continue
+        key = point.infra_key + repr(request.key())
+        if key in seen:
+            continue
+        seen.add(key)
+        points.append(point)
+    if problems:
+        raise ConfigError(str(scenario.path), problems)
+    reps = repetitions if repetitions is not None else spec.repetitions
+    rng = random.Random(spec.seed)
+    ordered: list[ScenarioPoint] = []
+    for rep in range(reps):
+        groups: dict[str, list[ScenarioPoint]] = {}
+        for p in points:
+            groups.setdefault(p.infra_key, []).append(p)
+        batches = list(groups.values())
+        if spec.random_order:
+            rng.shuffle(batches)
+            for b in batches:
+                rng.shuffle(b)
+        ordered += [ScenarioPoint(p.index, p.values, p.scenario, rep) for b in batches for p in b]
+    return ordered
+
+
+def _blocks(sweep: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[dict[str, Any]]:
+    return sweep if isinstance(sweep, list) else [sweep]
+
+
+def group_points(points: Sequence[ScenarioPoint]) -> list[list[ScenarioPoint]]:
+    """Consecutive points of one repetition that share a network, as groups (run order)."""
+    groups: list[list[ScenarioPoint]] = []
+    for p in points:
+        if groups and groups[-1][0].infra_key == p.infra_key and groups[-1][0].rep == p.rep:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
