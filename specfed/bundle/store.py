@@ -1,9 +1,9 @@
 """Writing into the cache safely: cross-process locks, temporary siblings, atomic JSON.
 
 Several workers may start at once and ask for the same model; a run may be killed at any
-point. So a step that prepares something takes `locked(key)`, writes into a
-`temp_sibling` of its result and renames it into place, and removes the leftovers of
-crashed runs (`remove_stale_temps`) first.
+point. So a step that prepares something takes `locked(key)` (or runs as a `locked_step`),
+writes into the path `fresh_temp(result)` gives it (which removes the leftovers of crashed
+runs first) and renames it into place.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any
 from specfed.bundle.registry import BundleModel, cache_dir, get_entry
 
 __all__ = [
+    "fresh_temp",
     "locked",
     "locked_step",
     "read_json",
-    "remove_stale_temps",
-    "temp_sibling",
     "utc_now",
     "write_json_atomic",
 ]
@@ -63,7 +62,18 @@ def locked_step(name: str, step: Callable[[BundleModel], Path]) -> Path:
         return step(entry)
 
 
-def remove_stale_temps(final: Path) -> None:
+def fresh_temp(final: Path) -> Path:
+    """The temporary path to write `final` through, renamed into place when complete.
+
+    Creates the folder of `final` and removes the leftovers of crashed runs next to it, so
+    call it while holding the lock of `final`.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    return _temp_sibling(final)
+
+
+def _remove_stale_temps(final: Path) -> None:
     """Remove leftovers `.<final name>.tmp-*` of crashed runs (call while holding the lock)."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         log.info("removing leftover of an interrupted run: %s", stale)
@@ -73,14 +83,14 @@ def remove_stale_temps(final: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def temp_sibling(final: Path) -> Path:
+def _temp_sibling(final: Path) -> Path:
     """A temporary path next to `final` (same filesystem, so a rename is atomic)."""
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as indented, key-sorted JSON: readers see the old file or the new one."""
-    tmp = temp_sibling(path)
+    tmp = _temp_sibling(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
