@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from specfed.codecs import Payload, decode_any, index_bytes_for
+from specfed.codecs import Payload, decode_any
 from specfed.messages import Transmission, VerifyReply, VerifyRequest
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
@@ -35,7 +35,7 @@ from specfed.models import (
     Verifier,
     check_same_vocabulary,
 )
-from specfed.options import LossPolicy, Mode, Reconstruction, check_weights
+from specfed.options import LossPolicy, Reconstruction, check_weights
 from specfed.reconstruct import aggregate, reconstruct
 from specfed.sampling import RoundUniforms, speculative_accept
 
@@ -141,8 +141,9 @@ def score_sequence(
 class WorkerRound:
     """One worker's part of one round (one row of the rounds table).
 
-    transmission, k, epsilon, value_dtype and index_bytes are the worker's own transmission
-    (index_bytes as sent: the width chosen for V when the transmission left it open).
+    transmission, k, epsilon, value_dtype, index_bytes and index_coding are the worker's own
+    transmission (index_bytes as sent: the width chosen for V when the transmission left it
+    open; None for full and the non-fixed index codings).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
     reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing).
     """
@@ -153,6 +154,7 @@ class WorkerRound:
     epsilon: float | None
     value_dtype: str
     index_bytes: int | None
+    index_coding: str
     k_mean: float
     bytes_up: int
     bytes_down: int
@@ -475,9 +477,8 @@ class FederatedGenerator:
                             k=tr.k,
                             epsilon=tr.epsilon,
                             value_dtype=tr.value_dtype.value,
-                            index_bytes=None
-                            if tr.mode == Mode.FULL
-                            else tr.index_bytes or index_bytes_for(self.vocab_size),
+                            index_bytes=tr.wire_index_bytes(self.vocab_size),
+                            index_coding=tr.index_coding.value,
                             k_mean=float(np.mean(payloads[i].k_per_position)),
                             bytes_up=reply.bytes_up,
                             bytes_down=reply.bytes_down,

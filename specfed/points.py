@@ -20,7 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from specfed.config import ConfigError, StrictModel, cross_product, validation_problems
 from specfed.messages import Transmission
-from specfed.options import Mode, Reconstruction, ValueDtype
+from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 
 __all__ = ["MAX_GAMMA", "Point", "points_from_lists", "read_points", "write_points"]
 
@@ -35,7 +35,8 @@ class Point(StrictModel):
     """One point: the per-request options of a batch of requests, and its ids in the records.
 
     Attributes mirror the scenario's fields: gamma (decoding.gamma), temperature
-    (decoding.temperature), transmission (transmission.mode/k/epsilon/value_dtype) and
+    (decoding.temperature), transmission (transmission.mode/k/epsilon/value_dtype/
+    index_coding) and
     reconstruction (transmission.reconstruction; None for full transmission).
     """
 
@@ -73,12 +74,13 @@ class Point(StrictModel):
         epsilon: float | None = None,
         value_dtype: ValueDtype | str = ValueDtype.FP32,
         index_bytes: int | None = None,
+        index_coding: IndexCoding | str = IndexCoding.FIXED,
         point: int = 0,
         rep: int = 0,
     ) -> Point:
         """A point from flat options, dropping those its mode does not use (full: k,
-        epsilon, reconstruction; topk: epsilon). Raises ValueError if invalid."""
-        transmission = Transmission.of(mode, k, epsilon, value_dtype, index_bytes)
+        epsilon, reconstruction, index coding; topk: epsilon). Raises ValueError if invalid."""
+        transmission = Transmission.of(mode, k, epsilon, value_dtype, index_bytes, index_coding)
         full = transmission.mode == Mode.FULL
         return cls(
             gamma=gamma,
@@ -148,7 +150,8 @@ def points_from_lists(
     """The cross product of option lists as points, in order, duplicates dropped.
 
     `options` maps `Point.of` argument names (mode, k, reconstruction, gamma, temperature,
-    epsilon, value_dtype, index_bytes) to lists of values; `fixed` gives single values.
+    epsilon, value_dtype, index_bytes, index_coding) to lists of values; `fixed` gives single
+    values.
     Points are numbered 0.. in order. Raises ConfigError listing every bad combination.
     """
     points: list[Point] = []

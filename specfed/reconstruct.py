@@ -180,7 +180,10 @@ def aggregate(
 
 
 def _check_method(method: str) -> None:
-    Reconstruction.parse(method, "reconstruction")
+    if method not in Reconstruction.names():
+        raise ValueError(
+            f"unknown reconstruction {method!r}; use one of {', '.join(Reconstruction.names())}"
+        )
 
 
 def _check_weights(
