@@ -126,7 +126,8 @@ def _check_grid_values(
         raise ValueError("; ".join(problems))
 
 
-ModelSpec = Annotated[StrictStr, Field(min_length=1)]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+ModelSpec = NonEmptyStr
 """Any `specfed.models.load_model` spec: a bundle name, HF folder, .gguf file, hub id, or
 tiny-v<V>-s<seed> (a random-weight test model)."""
 Weight = Annotated[StrictFloat, _at_least(0)]
@@ -190,7 +191,7 @@ class ModelsSection(StrictModel):
 class PromptsSection(StrictModel):
     """`prompts:` which prompts (a spec string alone is short for `{source: SPEC}`)."""
 
-    source: ModelSpec = "humaneval"
+    source: NonEmptyStr = "humaneval"
     """A `specfed.prompts` spec: humaneval, humaneval[10:], a .jsonl file."""
     count: Count = 8
     """How many prompts of the source, from its start."""
