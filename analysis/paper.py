@@ -28,10 +28,6 @@ from analysis.paper_figures import FIG2_PNG, FIG3_PNG, plot_figures, subtitle
 from analysis.paper_report import REPORT_MD, write_report
 from specfed.study.outputs import META_JSON, SUMMARY_CSV
 
-# testbed.scenario validates study files through these two names until it imports them from
-# specfed.study.config (where they live; pure pydantic, no torch). Remove with that change.
-from specfed.study.config import StudyConfigError, load_study  # noqa: F401  # isort: skip
-
 __all__ = [
     "FIG2_PNG",
     "FIG3_PNG",

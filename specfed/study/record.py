@@ -214,8 +214,10 @@ def record_logits(
     }
     todo = [j for j, r in enumerate(records) if r is None]
     if todo:
-        from specfed.engine import FederatedGenerator, LocalWorker, Transmission
+        from specfed.engine import FederatedGenerator, LocalWorker
+        from specfed.messages import Transmission
         from specfed.models import KVSession, LoadedModel, load_model
+        from specfed.options import Mode
 
         t0 = time.perf_counter()
         lms: dict[str, LoadedModel] = {}
@@ -230,7 +232,7 @@ def record_logits(
             draft if cfg.gamma > 0 else None,
             [LocalWorker(n, lms[m]) for n, m in cfg.workers.items()],
             weights=list(cfg.w),
-            transmissions=Transmission("full"),
+            transmissions=Transmission(Mode.FULL),
             gamma=cfg.gamma,
             temperature=0.0 if greedy else cfg.generation_temperature,
             measure_fidelity=False,
