@@ -26,6 +26,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -285,6 +286,22 @@ def reply_frame_bytes(payload_bytes: int, request_id: str) -> int:
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _REPLY.size + payload_bytes
 
 
+def read_token(path: Path) -> str:
+    """The shared handshake secret from a file (first line, stripped): a file, not a
+    command-line argument, so it does not show in the process list. ValueError if empty."""
+    try:
+        token = (
+            path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        )
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise ValueError(f"--auth-token-file {path}: cannot read: {exc}") from exc
+    if not token:
+        raise ValueError(f"--auth-token-file {path}: the file holds no token")
+    if len(token.encode()) > MAX_STRING:
+        raise ValueError(f"--auth-token-file {path}: the token exceeds {MAX_STRING} bytes")
+    return token
+
+
 def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
     """'HOST:PORT' -> (host, port), with an error that says what was expected."""
     host, sep, port = text.rpartition(":")
@@ -343,7 +360,7 @@ def decode_score_reply(body: bytes) -> np.ndarray:
     return probs
 
 
-def encode_error(code: ErrorCode, message: str) -> bytes:
+def encode_error(code: ErrorCode | int, message: str) -> bytes:
     """ERROR body: u16 code, str message (truncated to MAX_STRING bytes)."""
     msg = message.encode("utf-8")[:MAX_STRING].decode("utf-8", "ignore")
     return struct.pack("<H", int(code)) + _string(msg)
