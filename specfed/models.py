@@ -347,9 +347,10 @@ def make_tiny_model(
 
     The tokenizer maps tokens "t0".."t{V-1}" to ids 0..V-1, so two tiny models with the same
     vocab_size share a fingerprint. `logit_scale` is about the std of the logits: larger
-    sharpens, smaller flattens the output
-    distributions; `max_position_embeddings` is its context. If `path` is given the model is saved there as a plain HF folder, loadable
-    by `load_model(path)` (the worker processes of the loopback and Mininet tests use this).
+    sharpens, smaller flattens the output distributions; `max_position_embeddings` is the
+    model's context. If `path` is given the model is saved there as a plain HF folder,
+    loadable by `load_model(path)` (the worker processes of the loopback and Mininet tests
+    use this).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
