@@ -1,8 +1,8 @@
-"""`analysis`: report on run folders, compare two runs, or run the distribution-level study.
+"""`analysis`: report on run folders, compare two runs, or draw a paper-figure study run.
 
     analysis report RESULTS_DIR [RESULTS_DIR ...] [--out DIR]
     analysis compare A B [--out DIR]
-    analysis paper ARGS ...      -> analysis.paper.main(ARGS)
+    analysis paper RUN_DIR       -> analysis.paper.main([RUN_DIR]): Fig. 2, Fig. 3, report.md
 
 Exit status: 0 ok, 2 bad arguments or a folder that is not a run folder.
 """
@@ -29,7 +29,8 @@ commands:
             formula, acceptance vs K, fidelity vs full transmission (coupled seeds),
             round time vs the analytic lower bound
   compare   two run folders side by side: per-configuration metrics of A and B and B/A
-  paper     the distribution-level study (analysis.paper); arguments go to it unchanged
+  paper     Fig. 2, Fig. 3 and report.md of a distribution-level study run (the folder
+            `python -m specfed.study STUDY_FILE` writes); arguments go to analysis.paper
 """
 
 EPILOG = """\
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "paper",
-        help="distribution-level study (analysis.paper); `analysis paper --help` for its options",
+        help="figures and report of a study run (analysis.paper); `analysis paper --help`",
         add_help=False,
     )
     return ap
@@ -86,8 +87,8 @@ def _paper(argv: list[str]) -> int:
         if exc.name != "analysis.paper":
             raise
         print(
-            "analysis: `analysis paper` needs the module analysis/paper.py (the "
-            "distribution-level study), which is not installed in this tree yet",
+            "analysis: `analysis paper` needs the module analysis/paper.py (figures and "
+            "report of a study run), which cannot be imported here",
             file=sys.stderr,
         )
         return 2

@@ -29,8 +29,9 @@ class RemoteWorker:
         server_model: the draft (or reference) model, announced in the HELLO handshake.
         connect_timeout_s / read_timeout_s: bounds on connecting and on each socket read.
         round_timeout_s: bound on one whole VERIFY exchange.
-    Raises ModelError when the worker refuses the vocabulary, WorkerLost when it cannot be
-    reached or breaks the protocol.
+        token: the shared secret of a worker started with --auth-token-file ("" = none).
+    Raises ModelError when the vocabularies differ (either side may notice), WorkerLost when
+    the worker cannot be reached, refuses the handshake or breaks the protocol.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class RemoteWorker:
         read_timeout_s: float = 120.0,
         round_timeout_s: float = 300.0,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
+        token: str = "",
     ) -> None:
         self.name = name
         self.addr = addr
@@ -52,7 +54,9 @@ class RemoteWorker:
             raise WorkerLost(name, f"cannot connect to {addr[0]}:{addr[1]}: {exc}") from exc
         sock.settimeout(read_timeout_s)
         self.conn = Connection(sock, max_frame)
-        hello = wire.Hello(server_model.vocab_size, server_model.fingerprint, server_model.name)
+        hello = wire.Hello(
+            server_model.vocab_size, server_model.fingerprint, server_model.name, token=token
+        )
         try:
             self.conn.send(MsgType.HELLO, hello.encode())
             kind, body, _ = self.conn.recv(time.monotonic() + read_timeout_s)
@@ -64,6 +68,13 @@ class RemoteWorker:
             if kind != MsgType.HELLO_OK:
                 raise WorkerLost(name, f"answered HELLO with {kind.name}")
             peer = wire.Hello.decode(body)
+            if (peer.fingerprint, peer.vocab_size) != (hello.fingerprint, hello.vocab_size):
+                raise ModelError(
+                    f"worker {name} at {addr[0]}:{addr[1]} answered with another vocabulary: "
+                    f"model {peer.name!r} (fingerprint {peer.fingerprint}, V={peer.vocab_size}) "
+                    f"vs server model {server_model.name!r} (fingerprint {hello.fingerprint}, "
+                    f"V={hello.vocab_size})"
+                )
         except (OSError, WireError) as exc:
             self.conn.close()
             raise WorkerLost(name, f"handshake with {addr[0]}:{addr[1]} failed: {exc}") from exc
@@ -111,6 +122,13 @@ class RemoteWorker:
         probs, _, _, _ = self._exchange(
             MsgType.SCORE, body, MsgType.SCORE_REPLY, wire.decode_score_reply
         )
+        if len(probs) != len(sequence) - n_context:
+            self.close()
+            raise WorkerLost(
+                self.name,
+                f"SCORE_REPLY holds {len(probs)} probabilities for "
+                f"{len(sequence) - n_context} generated tokens",
+            )
         return probs
 
     def end(self, request_id: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from specfed.codecs import Payload, decode_any
-from specfed.messages import Transmission, VerifyReply, VerifyRequest
+from specfed.messages import BadReply, Transmission, VerifyReply, VerifyRequest, check_reply
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
     DraftProposer,
@@ -145,7 +145,8 @@ class WorkerRound:
     transmission (index_bytes as sent: the width chosen for V when the transmission left it
     open; None for full and the non-fixed index codings).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
-    reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing).
+    reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing); t_decode_ms
+    checking the reply against its request and decoding its payload (server overhead).
     """
 
     worker: str
@@ -162,6 +163,7 @@ class WorkerRound:
     t_send_ms: float
     t_call_ms: float
     t_net_ms: float
+    t_decode_ms: float
     eps_mean: float
     local_l1: float
 
@@ -171,7 +173,8 @@ class RoundRecord:
     """One round: drafting, verification by every worker, aggregation and acceptance.
 
     Times in ms. t_round_ms runs from the start of drafting to the emitted tokens;
-    t_aggregate_ms covers decode + reconstruct + aggregate + accept. Computing the metrics
+    t_aggregate_ms covers reconstruct + aggregate + accept (decoding is per worker:
+    WorkerRound.t_decode_ms). Computing the metrics
     (alpha, eps) and writing records happen after the clock stops, and are excluded from a
     request's ttft and e2e times too. alpha is the mean over draft positions of
     alpha(q, p_hat) = sum_v min(q(v), p_hat(v)).
@@ -256,6 +259,17 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A worker's checked reply: the reply, its decoded payload, the call time (request
+    sent -> reply read) and the time spent checking and decoding it, ms."""
+
+    reply: VerifyReply
+    payload: Payload
+    t_call_ms: float
+    t_decode_ms: float
+
+
 class FederatedGenerator:
     """Federated speculative decoding over N workers (in-process or remote).
 
@@ -335,19 +349,27 @@ class FederatedGenerator:
             return math.nan
         return ensemble_logp(per, self.weights)
 
-    def _call(self, i: int, request: VerifyRequest) -> tuple[VerifyReply, float]:
+    def _call(self, i: int, request: VerifyRequest) -> _Answer:
+        """One worker's round: the call (timed), then the reply checked against the request
+        and decoded (timed apart). A bad reply is that worker's failure (WorkerLost)."""
+        worker = self.workers[i]
         t0 = time.perf_counter()
-        reply = self.workers[i].verify(request)
-        return reply, (time.perf_counter() - t0) * 1e3
+        reply = worker.verify(request)
+        t1 = time.perf_counter()
+        try:
+            payload = check_reply(request, reply, self.vocab_size)
+        except BadReply as exc:
+            raise WorkerLost(worker.name, f"bad reply in round {request.round}: {exc}") from exc
+        return _Answer(reply, payload, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
     def _verify_all(
         self, requests: dict[int, VerifyRequest]
-    ) -> tuple[dict[int, tuple[VerifyReply, float]], dict[int, str]]:
+    ) -> tuple[dict[int, _Answer], dict[int, str]]:
         """Send one round to the given workers (concurrently if parallel).
 
-        Returns (replies by worker index with their call time in ms, loss reasons by index).
+        Returns (answers by worker index, loss reasons by index).
         """
-        replies: dict[int, tuple[VerifyReply, float]] = {}
+        replies: dict[int, _Answer] = {}
         lost: dict[int, str] = {}
         pool = self.pool
         futures = {i: pool.submit(self._call, i, r) for i, r in requests.items()} if pool else {}
@@ -436,7 +458,7 @@ class FederatedGenerator:
                     )
 
                 t_a = time.perf_counter()
-                payloads = {i: decode_any(replies[i][0].payload) for i in active}
+                payloads = {i: replies[i].payload for i in active}
                 p_hat = aggregate(
                     [payloads[i] for i in active], weights[active], self.reconstruction, q
                 )
@@ -468,7 +490,8 @@ class FederatedGenerator:
                     alpha = float(alpha_fn(q, p_hat[: len(drafts)]).mean())
                 worker_rows = []
                 for i in active:
-                    reply, t_call_ms = replies[i]
+                    answer = replies[i]
+                    reply, t_call_ms = answer.reply, answer.t_call_ms
                     tr = self.transmissions[i]
                     worker_rows.append(
                         WorkerRound(
@@ -486,6 +509,7 @@ class FederatedGenerator:
                             t_send_ms=reply.t_send_ms,
                             t_call_ms=t_call_ms,
                             t_net_ms=t_call_ms - reply.t_worker_ms,
+                            t_decode_ms=answer.t_decode_ms,
                             eps_mean=float(np.mean(payloads[i].eps)),
                             local_l1=reply.local_l1,
                         )

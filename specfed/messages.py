@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from specfed.codecs import Codec, index_bytes_for, make_codec
+from specfed.codecs import Codec, CodecError, Payload, decode_any, index_bytes_for, make_codec
 from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 
-__all__ = ["Transmission", "VerifyReply", "VerifyRequest"]
+__all__ = ["BadReply", "Transmission", "VerifyReply", "VerifyRequest", "check_reply"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +190,38 @@ class VerifyReply:
     bytes_up: int = 0
     bytes_down: int = 0
     t_send_ms: float = 0.0
+
+
+class BadReply(ValueError):
+    """A reply that does not answer its request (stale, misrouted) or holds unusable values."""
+
+
+def check_reply(request: VerifyRequest, reply: VerifyReply, vocab_size: int) -> Payload:
+    """Validate a worker's reply against the request it answers; return its decoded payload.
+
+    Checks: the request id and round it names, a finite non-negative compute time, a local
+    L1 that is NaN or within [0, 2], and a payload that decodes (the codec checks values:
+    finite, in [0, 1], indices < V, row sums) with the request's V and number of positions.
+    Raises BadReply saying what was wrong.
+    """
+    if reply.request_id != request.request_id or reply.round != request.round:
+        raise BadReply(
+            f"answers request {reply.request_id!r} round {reply.round}, but request "
+            f"{request.request_id!r} round {request.round} was asked (a stale or misrouted reply)"
+        )
+    if not (math.isfinite(reply.t_worker_ms) and reply.t_worker_ms >= 0):
+        raise BadReply(f"worker time {reply.t_worker_ms!r} ms is not a finite number >= 0")
+    if not (math.isnan(reply.local_l1) or 0.0 <= reply.local_l1 <= 2.0 + 1e-6):
+        raise BadReply(f"local L1 {reply.local_l1!r} is outside [0, 2]")
+    try:
+        payload = decode_any(reply.payload)
+    except CodecError as exc:
+        raise BadReply(f"payload: {exc}") from None
+    if payload.vocab_size != vocab_size:
+        raise BadReply(f"payload has V={payload.vocab_size}, the request's V is {vocab_size}")
+    if payload.n_positions != request.n_positions:
+        raise BadReply(
+            f"payload has {payload.n_positions} positions, the request asked for "
+            f"{request.n_positions}"
+        )
+    return payload

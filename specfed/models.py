@@ -54,6 +54,13 @@ class LoadedModel:
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     @property
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated tokens) the model accepts: its configured
+        max_position_embeddings (a large default when the config does not say)."""
+        n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else 1 << 20
+
+    @property
     def dtype(self) -> str:
         """Weight dtype name ("fp32" or "bf16")."""
         return {v: k for k, v in DTYPES.items()}.get(self.model.dtype, str(self.model.dtype))
@@ -334,14 +341,16 @@ def make_tiny_model(
     hidden_size: int = 32,
     num_layers: int = 2,
     logit_scale: float = 1.0,
+    max_position_embeddings: int = 4096,
 ) -> LoadedModel:
     """Build a small random-weight Qwen2-architecture LM with a word-level tokenizer.
 
     The tokenizer maps tokens "t0".."t{V-1}" to ids 0..V-1, so two tiny models with the same
     vocab_size share a fingerprint. `logit_scale` is about the std of the logits: larger
-    sharpens, smaller flattens the output
-    distributions. If `path` is given the model is saved there as a plain HF folder, loadable
-    by `load_model(path)` (the worker processes of the loopback and Mininet tests use this).
+    sharpens, smaller flattens the output distributions; `max_position_embeddings` is the
+    model's context. If `path` is given the model is saved there as a plain HF folder,
+    loadable by `load_model(path)` (the worker processes of the loopback and Mininet tests
+    use this).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -354,7 +363,7 @@ def make_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,

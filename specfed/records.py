@@ -29,7 +29,7 @@ ROUND_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "worker",
     *POINT_COLUMNS, "n_drafted", "n_accepted", "n_emitted",
     "bytes_up", "bytes_down", "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms",
-    "t_call_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean",
+    "t_call_ms", "t_decode_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean",
     "local_l1", "k_mean",
 )  # fmt: skip
 REQUEST_COLUMNS = (

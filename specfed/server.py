@@ -49,7 +49,7 @@ from specfed.records import (
     Table,
     summary_table,
 )
-from specfed.wire import parse_addr
+from specfed.wire import parse_addr, read_token
 
 log = logging.getLogger("specfed.server")
 
@@ -191,6 +191,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--read-timeout", type=float, default=120.0, help="s, per socket read")
     ap.add_argument("--round-timeout", type=float, default=300.0, help="s, per worker round")
     ap.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME, help="bytes")
+    ap.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="file holding the shared secret of workers started with --auth-token-file",
+    )
     ap.add_argument("--quiet", action="store_true", help="no per-request progress lines")
     return ap.parse_args(argv)
 
@@ -233,6 +239,7 @@ def _setup(
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)
+    args.token = read_token(args.auth_token_file) if args.auth_token_file else ""
     return points, tags, addrs, names, weights, prompts
 
 
@@ -261,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.read_timeout,
                 args.round_timeout,
                 args.max_frame,
+                token=args.token,
             )
             for n, a in zip(names, addrs, strict=True)
         ]

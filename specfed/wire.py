@@ -25,7 +25,8 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -39,10 +40,18 @@ FRAME_OVERHEAD = HEADER.size  # 12 bytes per frame, body excluded
 DEFAULT_MAX_FRAME = 64 * 2**20  # bytes; a full fp32 round at V=151,936, gamma=16 is 10.3 MB
 MAX_STRING = 4096  # bytes in any length-prefixed string
 MAX_TOKENS = 1 << 20  # tokens in one VERIFY
+READ_CHUNK = 1 << 20  # bytes read at a time (a body's buffer grows with what arrived)
 
 
 class WireError(ValueError):
-    """A frame or message that breaks the protocol; the message says what and where."""
+    """A frame or message that breaks the protocol; the message says what and where.
+
+    `code` is the ErrorCode the receiver answers with before closing the connection.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class MsgType(enum.IntEnum):
@@ -57,12 +66,27 @@ class MsgType(enum.IntEnum):
 
 
 class ErrorCode(enum.IntEnum):
-    MALFORMED = 1
-    TOO_LARGE = 2
-    VERSION = 3
-    VOCABULARY = 4
-    BAD_REQUEST = 5
-    INTERNAL = 6
+    MALFORMED = 1  # a frame or body that breaks the protocol
+    TOO_LARGE = 2  # a frame above the receiver's cap for its type
+    VERSION = 3  # another protocol version
+    VOCABULARY = 4  # the models' vocabularies differ
+    BAD_REQUEST = 5  # a well-formed request the worker cannot serve (e.g. past its context)
+    INTERNAL = 6  # the worker failed
+    AUTH = 7  # the handshake's shared token is missing or wrong
+    BUSY = 8  # the worker serves its maximum number of connections
+
+
+#: Largest body each message type may announce (bytes), checked from the 12-byte header
+#: before any body byte is read: a HELLO is a few strings, an END one string; VERIFY and
+#: SCORE carry up to MAX_TOKENS token ids; replies are bounded by the connection's cap.
+BODY_CAPS: dict[MsgType, int] = {
+    MsgType.HELLO: 4 + 4 * (2 + MAX_STRING),
+    MsgType.HELLO_OK: 4 + 4 * (2 + MAX_STRING),
+    MsgType.END: 2 + MAX_STRING,
+    MsgType.ERROR: 2 + 2 + MAX_STRING,
+    MsgType.VERIFY: 2 + MAX_STRING + 64 + 4 * MAX_TOKENS,
+    MsgType.SCORE: 2 + MAX_STRING + 16 + 4 * MAX_TOKENS,
+}
 
 
 # --- body helpers --------------------------------------------------------------------------
@@ -114,26 +138,28 @@ def _string(s: str) -> bytes:
 
 @dataclass(frozen=True)
 class Hello:
-    """HELLO / HELLO_OK body: u32 vocab_size, str fingerprint, str model, str role.
+    """HELLO / HELLO_OK body: u32 vocab_size, str fingerprint, str model, str role, str token.
 
-    str = u16 byte length + UTF-8 bytes.
+    str = u16 byte length + UTF-8 bytes. `token` is the optional shared secret a worker
+    started with --auth-token-file demands (empty: none); a HELLO_OK always sends it empty.
     """
 
     vocab_size: int
     fingerprint: str
     name: str
     role: str = "server"
+    token: str = field(default="", repr=False)
 
     def encode(self) -> bytes:
         return struct.pack("<I", self.vocab_size) + b"".join(
-            _string(s) for s in (self.fingerprint, self.name, self.role)
+            _string(s) for s in (self.fingerprint, self.name, self.role, self.token)
         )
 
     @classmethod
     def decode(cls, body: bytes) -> Hello:
         r = _Reader(body, "HELLO")
         (vocab,) = r.unpack("I")
-        out = cls(vocab, r.string(), r.string(), r.string())
+        out = cls(vocab, r.string(), r.string(), r.string(), r.string())
         r.done()
         return out
 
@@ -264,6 +290,22 @@ def reply_frame_bytes(payload_bytes: int, request_id: str) -> int:
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _REPLY.size + payload_bytes
 
 
+def read_token(path: Path) -> str:
+    """The shared handshake secret from a file (first line, stripped): a file, not a
+    command-line argument, so it does not show in the process list. ValueError if empty."""
+    try:
+        token = (
+            path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        )
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise ValueError(f"--auth-token-file {path}: cannot read: {exc}") from exc
+    if not token:
+        raise ValueError(f"--auth-token-file {path}: the file holds no token")
+    if len(token.encode()) > MAX_STRING:
+        raise ValueError(f"--auth-token-file {path}: the token exceeds {MAX_STRING} bytes")
+    return token
+
+
 def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
     """'HOST:PORT' -> (host, port), with an error that says what was expected."""
     host, sep, port = text.rpartition(":")
@@ -322,7 +364,7 @@ def decode_score_reply(body: bytes) -> np.ndarray:
     return probs
 
 
-def encode_error(code: ErrorCode, message: str) -> bytes:
+def encode_error(code: ErrorCode | int, message: str) -> bytes:
     """ERROR body: u16 code, str message (truncated to MAX_STRING bytes)."""
     msg = message.encode("utf-8")[:MAX_STRING].decode("utf-8", "ignore")
     return struct.pack("<H", int(code)) + _string(msg)
@@ -357,24 +399,36 @@ def frame(msg_type: MsgType, body: bytes) -> bytes:
 
 
 def parse_header(head: bytes, max_frame: int) -> tuple[MsgType, int]:
-    """Validate a 12-byte header; return (type, body length). Raises WireError."""
+    """Validate a 12-byte header; return (type, body length). Raises WireError (with the
+    ErrorCode to answer) for a bad magic or version, an unknown type, or a frame above
+    `max_frame` or above its type's cap (BODY_CAPS)."""
     if len(head) != HEADER.size:
         raise WireError(f"frame header needs {HEADER.size} bytes, got {len(head)}")
     length, magic, version, mtype, reserved = HEADER.unpack(head)
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r} (not a SpecFed peer?)")
     if version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+        raise WireError(
+            f"protocol version {version}, this side speaks {PROTOCOL_VERSION}", ErrorCode.VERSION
+        )
     if length < 8:
         raise WireError(f"frame length {length} is below the 8-byte minimum")
     if length + 4 > max_frame:
-        raise WireError(f"frame of {length + 4} bytes exceeds the cap of {max_frame} bytes")
+        raise WireError(
+            f"frame of {length + 4} bytes exceeds the cap of {max_frame} bytes", ErrorCode.TOO_LARGE
+        )
     try:
         kind = MsgType(mtype)
     except ValueError as exc:
         raise WireError(f"unknown message type {mtype}") from exc
     if reserved:
         raise WireError(f"reserved header field is {reserved}, must be 0")
+    cap = BODY_CAPS.get(kind)
+    if cap is not None and length - 8 > cap:
+        raise WireError(
+            f"{kind.name} body of {length - 8} bytes exceeds the cap of {cap} bytes for its type",
+            ErrorCode.TOO_LARGE,
+        )
     return kind, length - 8
 
 
@@ -410,30 +464,46 @@ class Connection:
         return len(data)
 
     def _read_exact(self, n: int, deadline: float | None) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
+        """n bytes, read as they arrive: memory grows with the bytes received (at most
+        READ_CHUNK ahead of them), never with what a peer merely announces."""
+        buf = bytearray()
+        chunk = memoryview(bytearray(min(n, READ_CHUNK)))
+        try:
+            while len(buf) < n:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"deadline passed with {len(buf)} of {n} bytes read")
+                    self.sock.settimeout(min(left, self.timeout) if self.timeout else left)
+                k = self.sock.recv_into(chunk, min(n - len(buf), len(chunk)))
+                if k == 0:
+                    raise ConnectionError(
+                        f"peer closed the connection ({len(buf)} of {n} bytes read)"
+                    )
+                buf += chunk[:k]
+        finally:
             if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"deadline passed with {got} of {n} bytes read")
-                self.sock.settimeout(min(left, self.timeout) if self.timeout else left)
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise ConnectionError(f"peer closed the connection ({got} of {n} bytes read)")
-            got += k
+                self.sock.settimeout(self.timeout)  # the idle timeout again for the next read
         self.bytes_received += n
         return bytes(buf)
 
-    def recv(self, deadline: float | None = None) -> tuple[MsgType, bytes, int]:
+    def recv(
+        self, deadline: float | None = None, frame_timeout_s: float | None = None
+    ) -> tuple[MsgType, bytes, int]:
         """Receive one frame: (type, body, frame size in bytes).
 
         Oversized frames are refused after reading only their 12-byte header. Each socket
         read waits at most the socket timeout; `deadline` (time.monotonic()) bounds the whole
-        frame. Raises WireError, ConnectionError or TimeoutError.
+        frame; `frame_timeout_s` bounds it too, counted from its first byte (so a peer that
+        trickles one byte at a time cannot hold a connection forever). Raises WireError,
+        ConnectionError or TimeoutError.
         """
-        kind, n = parse_header(self._read_exact(HEADER.size, deadline), self.max_frame)
+        first = self._read_exact(1, deadline)
+        if frame_timeout_s is not None:
+            limit = time.monotonic() + frame_timeout_s
+            deadline = limit if deadline is None else min(deadline, limit)
+        head = first + self._read_exact(HEADER.size - 1, deadline)
+        kind, n = parse_header(head, self.max_frame)
         return kind, self._read_exact(n, deadline), HEADER.size + n
 
     def close(self) -> None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -38,13 +41,23 @@ from specfed import wire
 from specfed.engine import LocalWorker
 from specfed.messages import VerifyRequest
 from specfed.models import ModelError, load_model
-from specfed.wire import Connection, ErrorCode, MsgType, WireError, parse_addr
+from specfed.wire import Connection, ErrorCode, MsgType, WireError, parse_addr, read_token
 
 log = logging.getLogger("specfed.worker")
 
 
 class WorkerService:
-    """The worker's state shared by all connections: the model and a compute lock."""
+    """The worker's state shared by all connections: the model, a compute lock and limits.
+
+    Args:
+        worker: the model and its codec.
+        max_frame: largest frame accepted, bytes (each message type has a smaller cap too).
+        idle_timeout_s: close a connection that sends nothing for this long.
+        frame_timeout_s: a frame must arrive whole within this long of its first byte.
+        max_connections: connections served at once; more are refused with ERROR BUSY.
+        token: the shared secret a HELLO must carry ("" = none required).
+        exit_after: fault injection: die abruptly on the (N+1)-th VERIFY.
+    """
 
     def __init__(
         self,
@@ -52,82 +65,87 @@ class WorkerService:
         max_frame: int,
         idle_timeout_s: float,
         exit_after: int | None = None,
+        *,
+        frame_timeout_s: float = 60.0,
+        max_connections: int = 16,
+        token: str = "",
     ) -> None:
         self.worker = worker
         self.exit_after = exit_after
         self.n_verified = 0
         self.max_frame = max_frame
         self.idle_timeout_s = idle_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self.token = token
         self.compute = threading.Lock()
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
         self._ids = itertools.count(1)
+
+    def _check_fits(self, start: int, n_tokens: int, what: str) -> None:
+        """Refuse a request past the model's context (it would hold the compute lock for
+        nothing and fail, or worse, run)."""
+        limit = self.worker.lm.max_context
+        if start + n_tokens > limit:
+            raise RequestError(
+                f"{what}: {start + n_tokens} tokens exceed the model's context of {limit}"
+            )
+
+    def _handshake(self, conn: Connection, peer: str, cid: int) -> bool:
+        """Answer the HELLO; False if the peer was refused (an ERROR frame was sent)."""
+        kind, body, _ = conn.recv(frame_timeout_s=self.frame_timeout_s)
+        if kind != MsgType.HELLO:
+            raise WireError(f"expected HELLO first, got {kind.name}")
+        hello = wire.Hello.decode(body)
+        me = self.worker
+        if self.token and not hmac.compare_digest(hello.token.encode(), self.token.encode()):
+            log.warning("refused %s: missing or wrong shared token", peer)
+            conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.AUTH, "wrong or missing token"))
+            return False
+        if (hello.fingerprint, hello.vocab_size) != (me.fingerprint, me.vocab_size):
+            msg = (
+                f"vocabulary mismatch: server model {hello.name!r} (fingerprint "
+                f"{hello.fingerprint}, V={hello.vocab_size}) vs worker model {me.lm.name!r} "
+                f"(fingerprint {me.fingerprint}, V={me.vocab_size})"
+            )
+            log.warning("refused %s: %s", peer, msg)
+            conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.VOCABULARY, msg))
+            return False
+        conn.send(
+            MsgType.HELLO_OK,
+            wire.Hello(me.vocab_size, me.fingerprint, me.lm.name, "worker").encode(),
+        )
+        log.info("connection %d from %s (%s)", cid, peer, hello.name)
+        return True
 
     def serve_connection(self, sock: socket.socket, peer: str) -> None:
         """Handshake, then answer frames until the peer closes, errs or idles out."""
         conn = Connection(sock, self.max_frame)
         sock.settimeout(self.idle_timeout_s)
+        if not self.slots.acquire(blocking=False):
+            log.warning("refused %s: %d connections already served", peer, self.max_connections)
+            with contextlib.suppress(OSError):
+                conn.send(
+                    MsgType.ERROR,
+                    wire.encode_error(
+                        ErrorCode.BUSY, f"worker busy: {self.max_connections} connections open"
+                    ),
+                )
+            conn.close()
+            return
         cid = next(self._ids)
         open_requests: set[str] = set()
         try:
-            kind, body, _ = conn.recv()
-            if kind != MsgType.HELLO:
-                raise WireError(f"expected HELLO first, got {kind.name}")
-            hello = wire.Hello.decode(body)
-            me = self.worker
-            if (hello.fingerprint, hello.vocab_size) != (me.fingerprint, me.vocab_size):
-                msg = (
-                    f"vocabulary mismatch: server model {hello.name!r} (fingerprint "
-                    f"{hello.fingerprint}, V={hello.vocab_size}) vs worker model {me.lm.name!r} "
-                    f"(fingerprint {me.fingerprint}, V={me.vocab_size})"
-                )
-                log.warning("refused %s: %s", peer, msg)
-                conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.VOCABULARY, msg))
-                return
-            conn.send(
-                MsgType.HELLO_OK,
-                wire.Hello(me.vocab_size, me.fingerprint, me.lm.name, "worker").encode(),
-            )
-            log.info("connection %d from %s (%s)", cid, peer, hello.name)
-            while True:
-                kind, body, _ = conn.recv()
-                if kind == MsgType.VERIFY:
-                    req = wire.decode_verify(body, me.vocab_size)
-                    key = f"{cid}/{req.request_id}"
-                    open_requests.add(key)
-                    with self.compute:
-                        self.n_verified += 1
-                        if self.exit_after is not None and self.n_verified > self.exit_after:
-                            log.warning("--exit-after %d reached: exiting now", self.exit_after)
-                            os._exit(3)  # a crash, for failure experiments: no goodbye
-                        try:
-                            reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
-                        except (ModelError, ValueError) as exc:
-                            conn.send(
-                                MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc))
-                            )
-                            return
-                    conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
-                elif kind == MsgType.SCORE:
-                    rid, seq, n_ctx, temp = wire.decode_score(body, me.vocab_size)
-                    log.debug("score %s: %d tokens", rid, len(seq) - n_ctx)
-                    with self.compute:
-                        probs = me.score(seq, n_ctx, temp)
-                    conn.send(MsgType.SCORE_REPLY, wire.encode_score_reply(probs))
-                elif kind == MsgType.END:
-                    key = f"{cid}/{wire.decode_end(body)}"
-                    with self.compute:
-                        me.end(key)
-                    open_requests.discard(key)
-                elif kind == MsgType.ERROR:
-                    code, msg = wire.decode_error(body)
-                    log.warning("peer %s sent error %d: %s", peer, code, msg)
-                    return
-                else:
-                    raise WireError(f"unexpected {kind.name} from a server")
+            if self._handshake(conn, peer, cid):
+                self._serve_frames(conn, peer, cid, open_requests)
+        except RequestError as exc:
+            log.warning("connection %d from %s: %s", cid, peer, exc)
+            with contextlib.suppress(OSError):
+                conn.send(MsgType.ERROR, wire.encode_error(ErrorCode.BAD_REQUEST, str(exc)))
         except WireError as exc:
             log.warning("connection %d from %s: %s", cid, peer, exc)
-            code = ErrorCode.TOO_LARGE if "exceeds the cap" in str(exc) else ErrorCode.MALFORMED
             with contextlib.suppress(OSError):
-                conn.send(MsgType.ERROR, wire.encode_error(code, str(exc)))
+                conn.send(MsgType.ERROR, wire.encode_error(exc.code, str(exc)))
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.info("connection %d from %s ended: %s", cid, peer, exc)
         finally:
@@ -135,6 +153,49 @@ class WorkerService:
                 for key in open_requests:
                     self.worker.end(key)
             conn.close()
+            self.slots.release()
+
+    def _serve_frames(self, conn: Connection, peer: str, cid: int, open_requests: set[str]) -> None:
+        me = self.worker
+        while True:
+            kind, body, _ = conn.recv(frame_timeout_s=self.frame_timeout_s)
+            if kind == MsgType.VERIFY:
+                req = wire.decode_verify(body, me.vocab_size)
+                self._check_fits(req.start, len(req.tokens), "VERIFY")
+                key = f"{cid}/{req.request_id}"
+                open_requests.add(key)
+                with self.compute:
+                    self.n_verified += 1
+                    if self.exit_after is not None and self.n_verified > self.exit_after:
+                        log.warning("--exit-after %d reached: exiting now", self.exit_after)
+                        os._exit(3)  # a crash, for failure experiments: no goodbye
+                    try:
+                        reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
+                    except (ModelError, ValueError) as exc:
+                        raise RequestError(str(exc)) from exc
+                conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
+            elif kind == MsgType.SCORE:
+                rid, seq, n_ctx, temp = wire.decode_score(body, me.vocab_size)
+                self._check_fits(0, len(seq), "SCORE")
+                log.debug("score %s: %d tokens", rid, len(seq) - n_ctx)
+                with self.compute:
+                    probs = me.score(seq, n_ctx, temp)
+                conn.send(MsgType.SCORE_REPLY, wire.encode_score_reply(probs))
+            elif kind == MsgType.END:
+                key = f"{cid}/{wire.decode_end(body)}"
+                with self.compute:
+                    me.end(key)
+                open_requests.discard(key)
+            elif kind == MsgType.ERROR:
+                code, msg = wire.decode_error(body)
+                log.warning("peer %s sent error %d: %s", peer, code, msg)
+                return
+            else:
+                raise WireError(f"unexpected {kind.name} from a server")
+
+
+class RequestError(ValueError):
+    """A well-formed request the worker cannot serve (answered with ERROR BAD_REQUEST)."""
 
 
 def _rekey(req: VerifyRequest, key: str) -> VerifyRequest:
@@ -189,6 +250,26 @@ def main(argv: list[str] | None = None) -> int:
         help="close a connection silent for this long, s (default: %(default)s)",
     )
     ap.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=60.0,
+        help="a frame must arrive whole within this long of its first byte, s",
+    )
+    ap.add_argument(
+        "--max-connections",
+        type=int,
+        default=16,
+        help="connections served at once; more are refused (ERROR busy)",
+    )
+    ap.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="file holding a shared secret every server must present in its HELLO (for "
+        "workers on networks you do not control; the server takes the same option). Off by "
+        "default: inside Mininet the network is the project's own",
+    )
+    ap.add_argument(
         "--exit-after",
         type=int,
         default=None,
@@ -205,8 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         host, port = parse_addr(args.listen, "--listen")
+        token = read_token(args.auth_token_file) if args.auth_token_file else ""
     except ValueError as exc:
         ap.error(str(exc))
+    for name in ("idle_timeout", "frame_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0 < value <= 7 * 24 * 3600):
+            ap.error(f"--{name.replace('_', '-')}: must be in (0, 604800] s, got {value}")
+    if args.max_connections < 1:
+        ap.error(f"--max-connections: must be >= 1, got {args.max_connections}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -216,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specfed.worker: cannot load model: {exc}", file=sys.stderr)
         return 2
     service = WorkerService(
-        LocalWorker(args.model, lm), args.max_frame, args.idle_timeout, args.exit_after
+        LocalWorker(args.model, lm),
+        args.max_frame,
+        args.idle_timeout,
+        args.exit_after,
+        frame_timeout_s=args.frame_timeout,
+        max_connections=args.max_connections,
+        token=token,
     )
     server = _Server((host, port), _Handler, bind_and_activate=True)
     server.service = service

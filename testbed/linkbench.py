@@ -35,6 +35,7 @@ from testbed.calibrate import (
     path_links,
 )
 from testbed.linkemu import EmuLink, EmuNet, build_net, netem_available
+from testbed.linkparams import LinkSpec
 
 #: (Mbit/s, one-way ms) per worker link, one star per row.
 GRID: list[list[tuple[float, float]]] = [
@@ -113,7 +114,9 @@ def accuracy(pings: int, seconds: float) -> list[dict[str, Any]]:
     """Run every star of :data:`GRID`; one result dict per worker link."""
     rows = []
     for i, star in enumerate(GRID, start=1):
-        params = {f"w{j}": {"bw": bw, "delay": f"{d:g}ms"} for j, (bw, d) in enumerate(star, 1)}
+        params = {
+            f"w{j}": LinkSpec.symmetric(bw_mbit=bw, delay_ms=d) for j, (bw, d) in enumerate(star, 1)
+        }
         with build_net(BenchStar(n=len(star)), params, label=f"linkbench-star{i}") as emu:
             for j, (bw, d) in enumerate(star, 1):
                 row = bench_link(emu, f"w{j}", bw, d, pings=pings, seconds=seconds)
@@ -131,7 +134,9 @@ def setup_teardown(n_workers: int, repeats: int) -> list[dict[str, float]]:
     times; seconds for each phase."""
     runs = []
     for _ in range(repeats):
-        params = {f"w{j}": {"bw": 10, "delay": "10ms"} for j in range(1, n_workers + 1)}
+        params = {
+            f"w{j}": LinkSpec.symmetric(bw_mbit=10, delay_ms=10) for j in range(1, n_workers + 1)
+        }
         t0 = time.monotonic()
         emu = build_net(BenchStar(n=n_workers), params, label="linkbench-setup")
         t1 = time.monotonic()

@@ -61,6 +61,7 @@ from testbed.linkemu import (  # noqa: E402
     netem_available,
     resolve_backend,
 )
+from testbed.linkparams import DirectionParams, LinkSpec  # noqa: E402
 from testbed.state import (  # noqa: E402
     StateRecords,
     cleanup_recorded,
@@ -84,10 +85,12 @@ class Star(Topo):
 
 # srv's link is not shaped, so each srv<->X path measures X's link alone.
 STAR_LINKS = {
-    "a": {"bw": 5, "delay": "30ms"},
-    "b": {"bw": 50, "delay": "5ms"},
-    "c": {"delay": "2ms", "up": {"bw": 10}, "down": {"bw": 50}},
-    "d": {"delay": "1ms", "up": {"loss": 2}},
+    "a": LinkSpec.symmetric(bw_mbit=5, delay_ms=30),
+    "b": LinkSpec.symmetric(bw_mbit=50, delay_ms=5),
+    "c": LinkSpec(
+        up=DirectionParams(bw_mbit=10, delay_ms=2), down=DirectionParams(bw_mbit=50, delay_ms=2)
+    ),
+    "d": LinkSpec(up=DirectionParams(delay_ms=1, loss_pct=2), down=DirectionParams(delay_ms=1)),
 }
 
 
@@ -129,13 +132,14 @@ def test_rtt_and_goodput_match_configuration(star: EmuNet, host: str) -> None:
     """(5 Mbit/s, 30 ms) and (50 Mbit/s, 5 ms): RTT within max(0.5 ms, 3 %), goodput
     >= 0.90 x the rate, both directions."""
     cal = calibrate_pair(star, host, "srv", tolerance=Tolerance(), duration_s=2.0)
-    opts = STAR_LINKS[host]
-    serialisation_ms = 2 * 98 * 8 / (float(opts["bw"]) * 1e3)  # one probe frame each way
-    want = 2 * float(str(opts["delay"]).removesuffix("ms")) + serialisation_ms
+    spec = STAR_LINKS[host]
+    assert spec.up.bw_mbit is not None
+    serialisation_ms = 2 * 98 * 8 / (spec.up.bw_mbit * 1e3)  # one probe frame each way
+    want = 2 * spec.up.delay_ms + serialisation_ms
     assert cal.configured_rtt_ms == pytest.approx(want)
     assert cal.rtt_ok, f"RTT {cal.rtt.mean_ms:.3f} ms vs {cal.configured_rtt_ms:.3f} ms"
     for g in cal.goodput:
-        assert g.configured_mbit == STAR_LINKS[host]["bw"]
+        assert g.configured_mbit == STAR_LINKS[host].up.bw_mbit
         assert g.ok, f"goodput {g.src}->{g.dst} {g.mbit:.2f} Mbit/s (ratio {g.ratio:.3f})"
         assert g.ratio is not None and g.ratio < 1.0  # shaped: never above the rate
     assert cal.passed
@@ -228,13 +232,57 @@ def test_everything_created_is_recorded(star: EmuNet) -> None:
                 )
 
 
+def test_emulink_in_plain_mininet_code(tmp_path: Path) -> None:
+    """Mininet's own API: EmuLink with TCLink's keyword options (both directions, params2
+    for switch -> host) parses them once into its spec and shapes the link as asked
+    (4 ms + 6 ms one way: 10 ms RTT measured); net.stop() leaves nothing."""
+    import functools
+
+    from mininet.net import Mininet
+
+    from testbed.linkemu import EmuBridge, EmuHost, EmuLink
+    from testbed.state import StateFile, cleanup_file
+
+    state = StateFile.create(label="test-plain", directory=tmp_path)
+    net = Mininet(
+        topo=None,
+        link=functools.partial(EmuLink, state=state),
+        switch=functools.partial(EmuBridge, state=state),
+        host=functools.partial(EmuHost, state=state),
+        controller=None,
+        build=False,
+        waitConnected=False,
+    )
+    try:
+        h1, h2, s1 = net.addHost("h1"), net.addHost("h2"), net.addSwitch("s1")
+        link = net.addLink(h1, s1, bw=20, delay="4ms", params2={"delay": "6ms"})
+        net.addLink(h2, s1)
+        assert link.spec == LinkSpec(
+            up=DirectionParams(bw_mbit=20, delay_ms=4, max_queue_size=64),
+            down=DirectionParams(bw_mbit=20, delay_ms=6, max_queue_size=64),
+        )
+        net.build()
+        net.start()
+        rtt = measure_rtt(h1, h2, count=20)
+        assert rtt.received == 20
+        assert 10.0 <= rtt.mean_ms <= 11.0, rtt
+    finally:
+        net.stop()
+    rec = read_state(state.path)
+    state.close()
+    assert cleanup_file(state.path, include_live=True).clean
+    _assert_gone(rec)
+
+
 # --------------------------------------------------------------------------- teardown
 
 
 def test_normal_run_leaves_nothing() -> None:
     before = _root_names()
     emu = build_net(
-        Star(names=("w1", "w2")), {"w1": {"bw": 10, "delay": "2ms"}}, label="test-normal"
+        Star(names=("w1", "w2")),
+        {"w1": LinkSpec.symmetric(bw_mbit=10, delay_ms=2)},
+        label="test-normal",
     )
     rec = read_state(emu.state.path)
     assert emu.net.ping([emu.net["w1"], emu.net["srv"]], timeout="2") == 0.0
@@ -249,12 +297,13 @@ CRASH_CHILD = """
 import json, subprocess, sys, time
 from mininet.topo import Topo
 from testbed.linkemu import build_net
+from testbed.linkparams import LinkSpec
 class Star(Topo):
     def build(self):
         sw = self.addSwitch("s1")
         for name in ("srv", "w1", "w2"):
             self.addLink(self.addHost(name), sw)
-emu = build_net(Star(), {"w1": {"bw": 10, "delay": "5ms"}}, label="test-crash")
+emu = build_net(Star(), {"w1": LinkSpec.symmetric(bw_mbit=10, delay_ms=5)}, label="test-crash")
 # a worker-like process in its own session: it outlives the crash and holds the netns
 emu.net["w1"].popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(json.dumps({"state": str(emu.state.path), "bridge": emu.net["s1"].bridge_name}),
@@ -301,7 +350,9 @@ def test_crash_then_cleanup_recorded() -> None:
     _assert_gone(rec)
     assert not state.exists()
     # and the machine is fit for the next run
-    emu = build_net(Star(names=("w1",)), {"w1": {"bw": 20, "delay": "1ms"}}, label="after")
+    emu = build_net(
+        Star(names=("w1",)), {"w1": LinkSpec.symmetric(bw_mbit=20, delay_ms=1)}, label="after"
+    )
     try:
         assert emu.net.ping([emu.net["w1"], emu.net["srv"]], timeout="2") == 0.0
     finally:
@@ -312,12 +363,15 @@ FORGETFUL_CHILD = """
 import json
 from mininet.topo import Topo
 from testbed.linkemu import build_net
+from testbed.linkparams import LinkSpec
 class Star(Topo):
     def build(self):
         sw = self.addSwitch("s1")
         for name in ("srv", "w1"):
             self.addLink(self.addHost(name), sw)
-emu = build_net(Star(), {"w1": {"bw": 10, "delay": "1ms"}}, label="test-forgetful")
+emu = build_net(
+    Star(), {"w1": LinkSpec.symmetric(bw_mbit=10, delay_ms=1)}, label="test-forgetful"
+)
 print(json.dumps({"state": str(emu.state.path), "bridge": emu.net["s1"].bridge_name}))
 # exits without emu.teardown()
 """
@@ -345,12 +399,19 @@ def test_tc_backend_refuses_what_the_kernel_cannot_do() -> None:
         pytest.skip("this kernel has netem: TCLink's delay works here")
     before = _root_names()
     with pytest.raises(LinkEmulationError, match="netem"):
-        build_net(Star(), {"w1": {"bw": 10, "delay": "5ms"}}, backend="tc", label="test-tc")
+        build_net(
+            Star(),
+            {"w1": LinkSpec.symmetric(bw_mbit=10, delay_ms=5)},
+            backend="tc",
+            label="test-tc",
+        )
     assert not {n for n in _root_names() - before if n.startswith("sf")}
 
 
 def test_tc_backend_rate_and_queue() -> None:
-    emu = build_net(Star(), {"w1": {"bw": 20}}, backend="tc", label="test-tc-rate")
+    emu = build_net(
+        Star(), {"w1": LinkSpec.symmetric(bw_mbit=20)}, backend="tc", label="test-tc-rate"
+    )
     try:
         assert emu.backend == "tc"
         qdiscs = emu.net["w1"].cmd("tc qdisc show dev w1-eth0")

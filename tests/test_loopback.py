@@ -114,7 +114,9 @@ def test_bytes_on_the_wire_match_the_formula(workers, local):
             # first round: the prompt + drafts; later: the emitted token + drafts
             n_tokens = (len(CONTEXT) if r.round == 0 else 1) + r.n_drafted
             for w in r.workers:
-                assert w.bytes_up == wire.reply_frame_bytes(codec.encoded_size(r.n_drafted + 1, V), "bytes-test")
+                assert w.bytes_up == wire.reply_frame_bytes(
+                    codec.encoded_size(r.n_drafted + 1, V), "bytes-test"
+                )
                 assert w.bytes_down == wire.verify_frame_bytes("bytes-test", n_tokens)
         end_frame = wire.FRAME_OVERHEAD + 2 + len("bytes-test")
         for i, c in enumerate(clients):
@@ -149,7 +151,9 @@ def _read_frame(sock):
         b"GET / HTTP/1.1\r\n\r\n",  # not our magic
         struct.pack(">I4sBBH", 8, b"SPFD", 99, 1, 0),  # wrong version
         struct.pack(">I4sBBH", 8, b"SPFD", wire.PROTOCOL_VERSION, 77, 0),  # unknown type
-        struct.pack(">I4sBBH", 0x7FFFFFF0, b"SPFD", wire.PROTOCOL_VERSION, 1, 0),  # 2 GB frame: refused unread
+        struct.pack(
+            ">I4sBBH", 0x7FFFFFF0, b"SPFD", wire.PROTOCOL_VERSION, 1, 0
+        ),  # 2 GB frame: refused unread
         wire.frame(MsgType.HELLO, b"\x01\x02"),  # truncated body
         wire.frame(MsgType.VERIFY, b""),  # VERIFY before HELLO
     ],

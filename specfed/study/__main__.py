@@ -1,0 +1,7 @@
+"""`python -m specfed.study FILE ...`: see `specfed.study.run`."""
+
+import sys
+
+from specfed.study.run import main
+
+sys.exit(main())
