@@ -10,6 +10,10 @@
     python -m specfed.bench loopback round overhead over TCP on loopback: round time minus
                                      (draft + slowest worker compute), full vs top-K,
                                      real Qwen pair, 2 worker processes
+    python -m specfed.bench codecs   bytes per position vs ||p_i - p_hat_i||_1 and
+                                     |Delta alpha| for every codec (value dtype x index
+                                     coding, top-K and top-p) on the paper study's recorded
+                                     Qwen distributions; issue 13's target (docs/codecs.md)
 
 Timings are medians over repetitions after a warm-up that is dropped.
 """
@@ -31,7 +35,8 @@ import numpy as np
 import psutil
 import torch
 
-from specfed.codecs import decode_any, make_codec
+from specfed.codecs import decode_any, index_bytes_for, make_codec
+from specfed.messages import Transmission
 from specfed.reconstruct import RECONSTRUCTIONS, aggregate
 from specfed.sampling import RoundUniforms, speculative_accept
 
@@ -98,6 +103,7 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
         t = _time_ms(partial(make_codec(mode, k=k).encode, ps[0]), reps)
         encode.append({"transmission": mode, "k": k, "positions": gamma + 1, **t})
+    compact, compact_encode = _compact_round(ps, q, drafts, uniforms, reps)
     key = {
         (r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
         for r in server
@@ -113,14 +119,79 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
         "reps": reps,
         "server_round": server,
         "worker_encode": encode,
+        "compact_server_round_N4": compact,
+        "compact_worker_encode": compact_encode,
         "targets": {
             "round_ms_at_N4_K64 (<= 5)": {
                 rec: key[("topk", 64, rec, 4)] for rec in RECONSTRUCTIONS
             },
+            "compact_round_ms_at_N4 (<= 5)": _by_label(compact),
+            "compact_encode_ms (5 positions)": {r["label"]: r["median_ms"] for r in compact_encode},
             "slope_ms_per_worker_K64": per_worker,
             "encode_ms_at_K64 (<= 2)": next(e["median_ms"] for e in encode if e["k"] == 64),
         },
     }
+
+
+COMPACT_ROUND = [
+    Transmission.of("topk", 64, value_dtype=vd, index_coding=ic)
+    for vd, ic in [
+        ("fp16", "fixed"),
+        ("fp32", "delta-varint"),
+        ("q8", "bitpack"),
+        ("q8", "delta-varint"),
+        ("q8", "delta-bitpack"),
+        ("q4", "delta-bitpack"),
+    ]
+] + [Transmission.of("adaptive", 256, 0.01, "q8", None, "delta-bitpack")]
+"""The compact transmissions whose round cost `round` measures at N = 4 (K = 64; top-p
+capped at 256: on `lm_like` data it keeps the cap, the worst case)."""
+
+
+def _compact_round(
+    ps: list[np.ndarray], q: np.ndarray, drafts: list[int], uniforms: RoundUniforms, reps: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Server cost per round (decode + aggregate + accept) at N = 4 and worker encode cost
+    (gamma + 1 positions) of every `COMPACT_ROUND` transmission."""
+    server, encode = [], []
+    w = np.full(4, 0.25)
+    for t in COMPACT_ROUND:
+        codec = t.codec()
+        messages = [codec.encode(p) for p in ps[:4]]
+        for rec in RECONSTRUCTIONS:
+
+            def one_round(msgs=messages, rec=rec) -> None:
+                payloads = [decode_any(m) for m in msgs]
+                p_hat = aggregate(payloads, w, rec, q)
+                speculative_accept(drafts, q, p_hat, uniforms)
+
+            timing = _time_ms(one_round, reps)
+            server.append(
+                {
+                    "label": t.label,
+                    "reconstruction": rec,
+                    "n_workers": 4,
+                    "bytes_per_worker": len(messages[0]),
+                    **timing,
+                }
+            )
+            log(f"round {t.label} {rec} N=4: {timing['median_ms']:.2f} ms")
+        encode.append(
+            {
+                "label": t.label,
+                "positions": ps[0].shape[0],
+                **_time_ms(partial(codec.encode, ps[0]), reps),
+            }
+        )
+    return server, encode
+
+
+def _by_label(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{label: {reconstruction: median ms}} of `_compact_round` rows."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(r["label"], {})[r["reconstruction"]] = r["median_ms"]
+    return out
 
 
 class PeakRSS:
@@ -470,6 +541,66 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
+    """Bytes against fidelity for every codec on recorded (or synthetic) distributions."""
+    from specfed import codecbench as cb
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.source == "qwen":
+        from specfed.study.record import default_cache_dir
+
+        cache = None if args.no_cache else (args.cache or default_cache_dir())
+        data = cb.qwen_logits(args.study, cache, args.prompts, args.positions, log)
+    else:
+        data = cb.synthetic_logits(args.prompts or 2, args.positions or 12, args.vocab, args.seed)
+    t_data = time.perf_counter() - t0
+    temperatures = [float(x) for x in args.temperatures.split(",")]
+    ks = [int(x) for x in args.ks.split(",")]
+    epsilons = [float(x) for x in args.epsilons.split(",")]
+    grid = cb.codec_grid(ks, epsilons)
+    log(
+        f"{len(grid)} transmissions x {len(temperatures)} T on {data.n_positions} positions, "
+        f"{len(data.workers)} workers, V = {data.vocab_size}"
+    )
+    t0 = time.perf_counter()
+    rows = cb.evaluate_codecs(data, temperatures, grid, log)
+    t_grid = time.perf_counter() - t0
+    vocab = data.vocab_size
+    reference_bytes = cb.REFERENCE.k * (index_bytes_for(vocab) + 2)  # K (ib + 2) for fp16
+    summary = cb.target(rows, reference_bytes)
+    if args.plot:
+        cb.plot_tradeoff(rows, summary, args.plot)
+        log(f"wrote {args.plot}")
+    for m, t in summary["by_reconstruction"].items():
+        best = t["smallest"]
+        log(
+            f"target ({m}): {'reached' if t['reached'] else 'NOT reached'}"
+            + (f" by {best['label']}, {best['bytes_per_position']:.1f} B" if best else "")
+        )
+    return {
+        "benchmark": "codecs",
+        "data": data.info,
+        "vocab_size": vocab,
+        "positions": data.n_positions,
+        "workers": data.workers,
+        "weights": data.weights.tolist(),
+        "temperatures": temperatures,
+        "positions_per_message": cb.POSITIONS_PER_MESSAGE,
+        "grid": {
+            "ks": ks,
+            "epsilons": epsilons,
+            "value_dtypes": [d.value for d in cb.ValueDtype],
+            "index_codings": [c.value for c in cb.IndexCoding],
+            "transmissions": len(grid),
+        },
+        "threads": args.threads,
+        "timing_s": {"data": t_data, "grid": t_grid},
+        "target": summary,
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m specfed.bench",
@@ -504,8 +635,24 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--gamma", type=int, default=4)
     lb.add_argument("--threads", type=int, default=1, help="torch threads per process")
     lb.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    cb = sub.add_parser("codecs", help="bytes vs fidelity of every codec (issue 13)")
+    cb.add_argument("--source", choices=["qwen", "synthetic"], default="qwen")
+    cb.add_argument("--study", type=Path, default=Path("scenarios/paper_fig23.yaml"))
+    cb.add_argument("--cache", type=Path, default=None, help="logits cache (study default)")
+    cb.add_argument("--no-cache", action="store_true")
+    cb.add_argument("--prompts", type=int, default=None, help="override prompts.count")
+    cb.add_argument("--positions", type=int, default=None, help="override positions")
+    cb.add_argument("--vocab", type=int, default=4000, help="synthetic: V")
+    cb.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    cb.add_argument("--temperatures", default="0.8,1.0,1.2")
+    cb.add_argument("--ks", default="16,64,256", help="K of top-K, and the caps of top-p")
+    cb.add_argument("--epsilons", default="0.01,0.001", help="epsilon of top-p")
+    cb.add_argument("--plot", type=Path, default=None, help="write the trade-off plot (PNG)")
+    cb.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.which == "loopback":
+    if args.which == "codecs":
+        out = bench_codecs(args)
+    elif args.which == "loopback":
         out = bench_loopback(args)
     elif args.which == "dtype-one":
         out = _dtype_one(args)

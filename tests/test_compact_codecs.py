@@ -643,3 +643,23 @@ def test_payload_rho_is_checked_and_used() -> None:
     assert pl.kept_mass.tolist() == [0.5] and pl.eps.tolist() == [0.5]
     with pytest.raises(ValueError, match="rho must be"):
         Payload(vocab_size=5, indices=(np.array([1]),), values=(np.ones(1),), rho=np.ones(2))
+
+
+def test_the_documented_examples_are_byte_exact() -> None:
+    """docs/codecs.md, "Format version 2", Examples."""
+    p = np.zeros((2, 10), np.float32)
+    p[0, [7, 2, 0, 1]] = [0.5, 0.25, 0.125, 0.125]
+    p[1, [3, 4, 5, 6]] = [0.75, 0.0625, 0.0625, 0.125]
+    topk = TopKCodec(2, value_dtype="q8", index_coding="delta-varint").encode(p)
+    assert topk.hex(" ") == (
+        "02 02 03 00 02 00 00 00 0a 00 00 00 03 02 00 00 00 "
+        "00 00 40 3f 00 00 60 3f 92 19 32 1f ff 00 00 ff 02 04 03 02"
+    )
+    adaptive = AdaptiveTopKCodec(0.3, 4, value_dtype="q4", index_coding="delta-bitpack").encode(p)
+    assert adaptive.hex(" ") == (
+        "03 02 04 00 02 00 00 00 0a 00 00 00 04 02 01 "
+        "00 00 40 3f 00 00 40 3f eb 29 00 00 03 02 0f 20 0e"
+    )
+    pl = decode_any(adaptive)
+    assert [i.tolist() for i in pl.indices] == [[2, 7], [3]]
+    np.testing.assert_allclose(pl.values[0], [0.2499392, 0.5000608], rtol=1e-6)
