@@ -3,7 +3,9 @@
     python -m specfed.bench round    server-side cost per round (decode + reconstruct +
                                      aggregate + accept), V = 151,936, gamma = 4,
                                      N in {2, 4, 8}, K in {16, 64, 256, 1024}, full;
-                                     worker-side encode cost for gamma + 1 positions
+                                     worker-side encode cost for gamma + 1 positions;
+                                     the compact codecs at K = 64, N = 4 (--compact-only:
+                                     those alone)
     python -m specfed.bench vs-hf    our engine vs HF generate(assistant_model=...) vs
                                      target-only, greedy, real Qwen pair
     python -m specfed.bench dtype    fp32 vs bf16 weights: speed, peak memory, outputs
@@ -64,8 +66,10 @@ def lm_like(rng: np.random.Generator, n_pos: int, vocab: int, sharpness: float =
     return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 
-def bench_round(reps: int, threads: int) -> dict[str, Any]:
-    """Server cost per round and worker encode cost, on synthetic LM-like distributions."""
+def bench_round(reps: int, threads: int, compact_only: bool = False) -> dict[str, Any]:
+    """Server cost per round and worker encode cost, on synthetic LM-like distributions.
+
+    compact_only: only the compact codecs at K = 64, N = 4 (`COMPACT_ROUND`)."""
     torch.set_num_threads(threads)
     gamma, vocab = 4, QWEN_V
     rng = np.random.default_rng(0)
@@ -73,6 +77,23 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
     drafts = [int(r.argmax()) for r in q]
     ps = [lm_like(rng, gamma + 1, vocab) for _ in range(8)]
     uniforms = RoundUniforms.draw(rng, gamma)
+    if compact_only:
+        compact, compact_encode = _compact_round(ps, q, drafts, uniforms, reps)
+        return {
+            "benchmark": "round (compact codecs only)",
+            "vocab_size": vocab,
+            "gamma": gamma,
+            "threads": threads,
+            "reps": reps,
+            "compact_server_round_N4": compact,
+            "compact_worker_encode": compact_encode,
+            "targets": {
+                "compact_round_ms_at_N4 (<= 5)": _by_label(compact),
+                "compact_encode_ms (5 positions)": {
+                    r["label"]: r["median_ms"] for r in compact_encode
+                },
+            },
+        }
     server: list[dict[str, Any]] = []
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
         codec = make_codec(mode, k=k)
@@ -136,6 +157,7 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
 COMPACT_ROUND = [
     Transmission.of("topk", 64, value_dtype=vd, index_coding=ic)
     for vd, ic in [
+        ("fp32", "fixed"),
         ("fp16", "fixed"),
         ("fp32", "delta-varint"),
         ("q8", "bitpack"),
@@ -144,8 +166,9 @@ COMPACT_ROUND = [
         ("q4", "delta-bitpack"),
     ]
 ] + [Transmission.of("adaptive", 256, 0.01, "q8", None, "delta-bitpack")]
-"""The compact transmissions whose round cost `round` measures at N = 4 (K = 64; top-p
-capped at 256: on `lm_like` data it keeps the cap, the worst case)."""
+"""The transmissions whose round cost `round` measures at N = 4: today's fp32 and fp16 top-64
+as the baseline, then the compact ones (K = 64; top-p capped at 256: on `lm_like` data it
+keeps the cap, the worst case)."""
 
 
 def _compact_round(
@@ -567,7 +590,7 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
     rows = cb.evaluate_codecs(data, temperatures, grid, log)
     t_grid = time.perf_counter() - t0
     vocab = data.vocab_size
-    reference_bytes = cb.REFERENCE.k * (index_bytes_for(vocab) + 2)  # K (ib + 2) for fp16
+    reference_bytes = cb.REFERENCE_K * (index_bytes_for(vocab) + 2)  # K (ib + 2) for fp16
     summary = cb.target(rows, reference_bytes)
     if args.plot:
         cb.plot_tradeoff(rows, summary, args.plot)
@@ -611,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("round", help="server cost per round, worker encode cost")
     r.add_argument("--reps", type=int, default=30)
     r.add_argument("--threads", type=int, default=1, help="torch threads (the server's share)")
+    r.add_argument(
+        "--compact-only", action="store_true", help="only the compact codecs at K = 64, N = 4"
+    )
     for name in ("vs-hf", "dtype"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="qwen2.5-coder-1.5b")
@@ -657,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.which == "dtype-one":
         out = _dtype_one(args)
     elif args.which == "round":
-        out = bench_round(args.reps, args.threads)
+        out = bench_round(args.reps, args.threads, args.compact_only)
     elif args.which == "vs-hf":
         out = bench_vs_hf(args)
     else:
