@@ -132,3 +132,16 @@ def test_codecs_command_prints_json(capsys: pytest.CaptureFixture[str], tmp_path
     assert set(out["target"]["by_reconstruction"]) == {m.value for m in RECONSTRUCTIONS}
     assert all(math.isfinite(r["l1_renormalize"]) for r in out["rows"])
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_round_compact_only_prints_every_compact_codec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["round", "--compact-only", "--reps", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    labels = {t.label for t in bench.COMPACT_ROUND}
+    assert "topk64:q8:delta-bitpack" in labels and "topk64" in labels
+    assert set(out["targets"]["compact_round_ms_at_N4 (<= 5)"]) == labels
+    assert {r["reconstruction"] for r in out["compact_server_round_N4"]} == {
+        m.value for m in RECONSTRUCTIONS
+    }
+    by = {r["label"]: r["bytes_per_worker"] for r in out["compact_server_round_N4"]}
+    assert by["topk64:q8:delta-bitpack"] < by["topk64:fp16"] < by["topk64"] == 16 + 5 * 64 * 7
