@@ -12,6 +12,7 @@ by the sampler, which is equivalent to speculative sampling with one-hot p and q
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -119,6 +120,52 @@ def _label(x: HasVocabulary) -> str:
 #: Names of tiny random-weight test models, built in memory from their seed: "tiny-v8192-s1"
 #: has V = 8192 and seed 1. Deterministic, so processes that load one name get one model.
 TINY_NAME = re.compile(r"tiny-v(?P<v>\d+)-s(?P<s>\d+)")
+
+
+@functools.lru_cache(maxsize=64)
+def peek_vocabulary(spec: str) -> tuple[int, str] | None:
+    """(V, fingerprint) of the model `spec` names, from its tokenizer and config alone (no
+    weights, nothing prepared or downloaded); None when it cannot be known without preparing
+    the model (a bundle model not yet converted, a .gguf file).
+
+    Raises ModelError when `spec` names no model: an unknown name, a missing path, or a hub
+    id (runs are offline: models come from the bundle or a local folder).
+    """
+    from specfed.bundle import BundleError, classify_model_spec
+
+    if tiny := TINY_NAME.fullmatch(spec):
+        v = int(tiny["v"])
+        return v, vocab_fingerprint(_TinyVocab(v), v)
+    try:
+        source = classify_model_spec(spec)
+    except BundleError as exc:
+        raise ModelError(str(exc)) from exc
+    if source.kind == "hub":
+        raise ModelError(
+            f"{spec!r} is not a bundle name or a local path (a hub id would need a model hub, "
+            "which runs do not reach: prepare it as a local folder with config.json)"
+        )
+    if source.path is None:
+        return None
+    try:
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the tokenizer of {spec!r} at {source.path}: {exc}") from exc
+    v = int(config.get("vocab_size") or len(tokenizer))
+    return v, vocab_fingerprint(tokenizer, v)
+
+
+class _TinyVocab:
+    """The vocabulary of `make_tiny_model`'s tokenizer ("t0".."t{V-1}"), for fingerprints."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self.vocab_size)}
 
 
 def load_model(spec: str, dtype: str = "fp32") -> LoadedModel:
