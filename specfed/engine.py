@@ -29,11 +29,13 @@ from specfed.codecs import Payload, decode_any, index_bytes_for
 from specfed.messages import BadReply, Transmission, VerifyReply, VerifyRequest, check_reply
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
+    Draft,
     DraftProposer,
     HasVocabulary,
     LoadedModel,
     Verifier,
     check_same_vocabulary,
+    common_prefix,
 )
 from specfed.options import LossPolicy, Mode, Reconstruction, check_weights
 from specfed.reconstruct import aggregate, reconstruct
@@ -47,6 +49,27 @@ class WorkerLost(RuntimeError):
         super().__init__(f"worker {worker!r} lost: {reason}")
         self.worker = worker
         self.reason = reason
+
+
+class Proposer(Protocol):
+    """The server's drafting side: a draft model (models.DraftProposer) or a replay of a
+    recorded one (specfed.replay.ReplayProposer). Names the vocabulary it drafts in."""
+
+    name: str
+    vocab_size: int
+    fingerprint: str
+    eos_token_ids: frozenset[int]
+
+    def propose(
+        self,
+        request_id: str,
+        committed: Sequence[int],
+        gamma: int,
+        temperature: float,
+        uniforms: np.ndarray,
+    ) -> Draft: ...
+
+    def end(self, request_id: str) -> None: ...
 
 
 class WorkerClient(Protocol):
@@ -91,6 +114,7 @@ class LocalWorker:
         self.vocab_size = lm.vocab_size
         self.fingerprint = lm.fingerprint
         self.verifier = Verifier(lm)
+        self.max_context = lm.max_context
 
     def verify(self, request: VerifyRequest) -> VerifyReply:
         t0 = time.perf_counter()
@@ -157,7 +181,9 @@ class WorkerRound:
     k_mean: float
     bytes_up: int
     bytes_down: int
+    n_tokens: int
     t_worker_ms: float
+    t_worker_recorded_ms: float
     t_send_ms: float
     t_call_ms: float
     t_net_ms: float
@@ -180,6 +206,10 @@ class RoundRecord:
 
     round: int
     gamma: int
+    context_len: int
+    draft_new_tokens: int
+    t_draft_emulated_ms: float
+    t_draft_recorded_ms: float
     n_drafted: int
     n_accepted: int
     n_emitted: int
@@ -189,6 +219,8 @@ class RoundRecord:
     t_round_ms: float
     alpha: float
     workers: list[WorkerRound]
+    emitted: list[int] = field(default_factory=list)
+    """the tokens this round emitted (not a table column)"""
 
 
 @dataclass
@@ -233,7 +265,7 @@ class GenerationResult:
         """Rounds table rows: one per (round, worker)."""
         rows = []
         for r in self.rounds:
-            base = {k: v for k, v in asdict(r).items() if k != "workers"}
+            base = {k: v for k, v in asdict(r).items() if k not in ("workers", "emitted")}
             for w in r.workers:
                 rows.append({"request_id": self.request_id, **base, **asdict(w)})
         return rows
@@ -246,15 +278,6 @@ def ensemble_logp(per_worker: Sequence[np.ndarray], weights: Sequence[float] | n
     for w, pi in zip(weights, per_worker, strict=True):
         p += w * pi
     return float(np.mean(np.log(np.maximum(p, 1e-300))))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)
@@ -272,7 +295,8 @@ class FederatedGenerator:
     """Federated speculative decoding over N workers (in-process or remote).
 
     Args:
-        draft: the server's draft model (None only when gamma = 0).
+        draft: the server's draft model, or a Proposer (a replayed draft); None only when
+            gamma = 0.
         workers: the N workers.
         weights: w_i >= 0 summing to 1 (None = equal weights).
         transmissions: one Transmission for all workers, or one per worker (per-worker K);
@@ -290,7 +314,7 @@ class FederatedGenerator:
 
     def __init__(
         self,
-        draft: LoadedModel | None,
+        draft: LoadedModel | Proposer | None,
         workers: Sequence[WorkerClient],
         weights: Sequence[float] | None = None,
         transmissions: Transmission | Sequence[Transmission] | None = None,
@@ -326,13 +350,16 @@ class FederatedGenerator:
         self.measure_fidelity = measure_fidelity
         self.on_worker_loss = LossPolicy(on_worker_loss)
         self.pool = ThreadPoolExecutor(len(self.workers)) if parallel else None
-        self.draft = draft
-        self.proposer = DraftProposer(draft) if draft is not None else None
-        reference: HasVocabulary = draft if draft is not None else self.workers[0]
+        self.proposer: Proposer | None = (
+            DraftProposer(draft) if isinstance(draft, LoadedModel) else draft
+        )
+        reference: HasVocabulary = self.proposer if self.proposer is not None else self.workers[0]
         for wk in self.workers:
             check_same_vocabulary(reference, wk)
         self.vocab_size = self.workers[0].vocab_size
-        self.eos: frozenset[int] = draft.eos_token_ids if draft is not None else frozenset()
+        self.eos: frozenset[int] = (
+            self.proposer.eos_token_ids if self.proposer is not None else frozenset()
+        )
 
     def score(self, prompt: Sequence[int], tokens: Sequence[int]) -> float:
         """Mean log-probability per generated token under the exact ensemble p (all
@@ -417,6 +444,8 @@ class FederatedGenerator:
                 drafts: list[int] = []
                 q: np.ndarray | None = None
                 t_draft_ms = 0.0
+                context_len = len(committed)
+                draft: Draft | None = None
                 if self.proposer is not None and gamma > 0:
                     draft = self.proposer.propose(
                         rid, committed, gamma, self.temperature, uniforms.draft
@@ -426,7 +455,7 @@ class FederatedGenerator:
                 n_pos = len(drafts) + 1
                 requests = {}
                 for i in active:
-                    start = min(_common_prefix(seen[i], seq), len(seq) - n_pos)
+                    start = min(common_prefix(seen[i], seq), len(seq) - n_pos)
                     requests[i] = VerifyRequest(
                         rid,
                         start,
@@ -504,7 +533,9 @@ class FederatedGenerator:
                             k_mean=float(np.mean(payloads[i].k_per_position)),
                             bytes_up=reply.bytes_up,
                             bytes_down=reply.bytes_down,
+                            n_tokens=len(requests[i].tokens),
                             t_worker_ms=reply.t_worker_ms,
+                            t_worker_recorded_ms=reply.t_recorded_ms,
                             t_send_ms=reply.t_send_ms,
                             t_call_ms=t_call_ms,
                             t_net_ms=t_call_ms - reply.t_worker_ms,
@@ -516,6 +547,10 @@ class FederatedGenerator:
                 record = RoundRecord(
                     round=len(rounds),
                     gamma=self.gamma,
+                    context_len=context_len,
+                    draft_new_tokens=draft.n_sync if draft is not None else 0,
+                    t_draft_emulated_ms=draft.t_emulated_ms if draft is not None else math.nan,
+                    t_draft_recorded_ms=draft.t_recorded_ms if draft is not None else math.nan,
                     n_drafted=len(drafts),
                     n_accepted=n_acc,
                     n_emitted=len(emitted),
@@ -525,6 +560,7 @@ class FederatedGenerator:
                     t_round_ms=t_round_ms,
                     alpha=alpha,
                     workers=worker_rows,
+                    emitted=list(emitted),
                 )
                 rounds.append(record)
                 if on_round is not None:

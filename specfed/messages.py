@@ -146,7 +146,10 @@ class VerifyReply:
 
     Attributes:
         payload: the codec's bytes (what crosses the network).
-        t_worker_ms: the worker's compute: forward pass + softmax + encode.
+        t_worker_ms: the worker's compute: forward pass + softmax + encode (in replay: the
+            emulated compute it waited, from its device profile).
+        t_recorded_ms: replay only: the compute measured when the trace was recorded (NaN
+            when computing for real).
         local_l1: mean over positions of ||p_i - p_hat_i||_1, computed by the worker from its
             exact p_i (NaN for draft-guided: the worker does not have q; NaN if not measured).
         request_id, round: the request and round this reply answers.
@@ -160,6 +163,7 @@ class VerifyReply:
     local_l1: float = math.nan
     request_id: str = ""
     round: int = 0
+    t_recorded_ms: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
     t_send_ms: float = 0.0
