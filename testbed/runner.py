@@ -95,6 +95,17 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
     return tags
 
 
+def _compute_tags(compute: dict[str, Any], roles: Sequence[str]) -> dict[str, Any]:
+    """Constant columns naming each role's compute: `draft_profile`, `draft_speed`,
+    `w1_profile`, ... ("live" everywhere for a live group)."""
+    out: dict[str, Any] = {}
+    for role in roles:
+        rc = compute.get(role)
+        out[f"{role}_profile"] = rc.profile if rc is not None else "live"
+        out[f"{role}_speed"] = rc.speed if rc is not None else 1.0
+    return out
+
+
 def _swept_tags(point: ScenarioPoint, swept: Sequence[str]) -> dict[str, Any]:
     """Constant columns for the swept paths that are not per-request options (those are
     columns already): `decoding.max_new_tokens`, `models.dtype`, `links.e1-s0.bw_mbit`..."""
@@ -235,6 +246,27 @@ def run_group(
     }
     meta.data["groups"].append(info)
     t0 = time.monotonic()
+    replay = spec.compute.mode == "replay"
+    traces: list[Path] = []
+    compute: dict[str, Any] = {}
+    if replay:  # record what is missing first, outside the network (cached across runs)
+        from testbed.compute import ComputeError, ensure_traces, roles
+
+        try:
+            compute = roles(sc)
+            traces = ensure_traces(group, run_dir, run_dir / "logs" / f"record-g{gi}.log")
+        except (ComputeError, ValueError) as exc:
+            info.update(status="failed", error=str(exc))
+            meta.save()
+            raise RunError(str(exc)) from exc
+        info["compute"] = {
+            "mode": "replay",
+            "traces": [str(t) for t in traces],
+            "roles": {r: {"profile": c.profile, "speed": c.speed, "source": c.source,
+                          "document": c.document} for r, c in compute.items()},
+            "record_s": time.monotonic() - t0,
+        }  # fmt: skip
+        meta.save()
     emu = scenario_net(group[0], label=f"run-{run_id}-g{gi}")
     procs = Processes(emu.state)
     try:
@@ -279,20 +311,30 @@ def run_group(
                 "--dtype", m.dtype,
                 "--idle-timeout", repr(spec.timeouts.point_s),
             ]  # fmt: skip
+            if replay:
+                from testbed.compute import replay_args
+
+                argv += replay_args(traces, compute[w])
             started.append((procs.start(host, argv, log, f"worker {w}"), log, w))
             addrs.append(f"{host.IP()}:{WORKER_PORT}")
         for proc, log, w in started:
             _wait_ready(proc, log, spec.timeouts.worker_ready_s, f"worker {w}")
         points_file = run_dir / f"points-g{gi}.json"
         write_points(points_file, [p.request for p in group])
-        tags = {**_link_tags(emu, workers), **_swept_tags(group[0], swept)}
+        tags = {
+            **_link_tags(emu, workers),
+            **_swept_tags(group[0], swept),
+            **_compute_tags(compute, ["draft", *workers]),
+        }
         server_log = run_dir / "logs" / f"server-g{gi}.log"
-        server = procs.start(
-            emu.net["srv"],
-            _server_argv(group[0], points_file, run_dir, run_id, gi, ",".join(addrs), tags),
-            server_log,
-            "server",
+        server_argv = _server_argv(
+            group[0], points_file, run_dir, run_id, gi, ",".join(addrs), tags
         )
+        if replay:
+            from testbed.compute import replay_args
+
+            server_argv += replay_args(traces, compute["draft"])
+        server = procs.start(emu.net["srv"], server_argv, server_log, "server")
         deadline = time.monotonic() + spec.timeouts.point_s * len(group)
         requests_csv = run_dir / "requests.csv"
         base = _count_rows(requests_csv)

@@ -77,6 +77,13 @@ def _check_point(point: ScenarioPoint) -> list[tuple[str, str]]:
         load_prompts(s.spec.decoding.prompts)
     except PromptError as exc:
         problems.append(("decoding.prompts", str(exc)))
+    if s.spec.compute.mode == "replay":
+        from testbed.compute import roles
+
+        try:
+            roles(s)
+        except ConfigError as exc:
+            problems += exc.problems
     return problems
 
 
