@@ -100,8 +100,29 @@ def local_l1(p: np.ndarray, payload: Payload, method: Reconstruction | None) -> 
         return math.nan
     if method in (None, Reconstruction.RENORMALIZE):  # Lemma 1: exactly 2 eps
         return float(np.mean(2.0 * payload.eps))
+    if method == Reconstruction.RESIDUAL_MASS:
+        return _residual_mass_l1(p, payload)
     p_hat = reconstruct(payload, method)
     return float(np.abs(p.astype(np.float64) - p_hat).sum(axis=1).mean())
+
+
+def _residual_mass_l1(p: np.ndarray, payload: Payload) -> float:
+    """||p - p_hat||_1 for residual-mass (p_hat = the sent values on S, eps / (V - K) on
+    the complement), without building p_hat: one pass over V per position.
+
+    sum_{v not in S} |p(v) - fill| = sum_v |p(v) - fill| - sum_{v in S} |p(v) - fill|.
+    """
+    vocab = payload.vocab_size
+    total = 0.0
+    for j, (idx, val) in enumerate(zip(payload.indices, payload.values, strict=True)):
+        row = p[j].astype(np.float64)
+        kept = row[idx]
+        l1 = float(np.abs(kept - val).sum())
+        if vocab > len(idx):
+            fill = float(payload.eps[j]) / (vocab - len(idx))
+            l1 += float(np.abs(row - fill).sum() - np.abs(kept - fill).sum())
+        total += l1
+    return total / payload.n_positions
 
 
 class LocalWorker:
@@ -126,16 +147,17 @@ class LocalWorker:
             request.temperature,
         )
         payload = request.transmission.codec().encode(p)
-        t_worker_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         l1 = math.nan
         if request.measure_fidelity:
             l1 = local_l1(p, decode_any(payload), request.reconstruction)
         return VerifyReply(
             payload,
-            t_worker_ms,
+            (t1 - t0) * 1e3,
             l1,
             request_id=request.request_id,
             round=request.round,
+            t_fidelity_ms=(time.perf_counter() - t1) * 1e3,
             bytes_up=len(payload),
             bytes_down=4 * len(request.tokens),
         )
@@ -168,7 +190,8 @@ class WorkerRound:
     transmission, k, epsilon, value_dtype and index_bytes are the worker's own transmission
     (index_bytes as sent: the width chosen for V when the transmission left it open).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
-    reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing); t_decode_ms
+    reply; t_fidelity_ms the worker's time measuring local_l1 (testbed overhead); t_net_ms =
+    t_call_ms - t_worker_ms - t_fidelity_ms (network, framing and queueing); t_decode_ms
     checking the reply against its request and decoding its payload (server overhead).
     """
 
@@ -186,6 +209,7 @@ class WorkerRound:
     t_worker_recorded_ms: float
     t_send_ms: float
     t_call_ms: float
+    t_fidelity_ms: float
     t_net_ms: float
     t_decode_ms: float
     eps_mean: float
@@ -538,7 +562,8 @@ class FederatedGenerator:
                             t_worker_recorded_ms=reply.t_recorded_ms,
                             t_send_ms=reply.t_send_ms,
                             t_call_ms=t_call_ms,
-                            t_net_ms=t_call_ms - reply.t_worker_ms,
+                            t_fidelity_ms=reply.t_fidelity_ms,
+                            t_net_ms=t_call_ms - reply.t_worker_ms - reply.t_fidelity_ms,
                             t_decode_ms=answer.t_decode_ms,
                             eps_mean=float(np.mean(payloads[i].eps)),
                             local_l1=reply.local_l1,

@@ -180,12 +180,14 @@ class RecordingWorker:
         payload = request.transmission.codec().encode(p)
         t_worker_ms = t_forward_ms + (time.perf_counter() - t0) * 1e3
         l1 = math.nan
+        t1 = time.perf_counter()
         if request.measure_fidelity:
             from specfed.codecs import decode_any
 
             l1 = local_l1(p, decode_any(payload), request.reconstruction)
         reply = VerifyReply(
             payload, t_worker_ms, l1, request_id=request.request_id, round=request.round,
+            t_fidelity_ms=(time.perf_counter() - t1) * 1e3,
             bytes_up=len(payload), bytes_down=4 * len(request.tokens),
         )  # fmt: skip
         key = verify_key(

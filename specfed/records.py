@@ -30,7 +30,7 @@ ROUND_COLUMNS = (
     *POINT_COLUMNS, "compute_mode", "context_len", "draft_new_tokens", "n_drafted",
     "n_accepted", "n_emitted", "n_tokens", "bytes_up", "bytes_down", "t_draft_ms",
     "t_draft_emulated_ms", "t_draft_recorded_ms", "t_send_ms", "t_worker_ms",
-    "t_worker_recorded_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
+    "t_worker_recorded_ms", "t_fidelity_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
     "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean",
 )  # fmt: skip
 REQUEST_COLUMNS = (
