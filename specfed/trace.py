@@ -281,3 +281,54 @@ def request_content(request: VerifyRequest, held: Sequence[int]) -> list[int]:
             f"but only {len(held)} tokens were sent before"
         )
     return [*held[: request.start], *request.tokens]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m specfed.trace list | info TRACE...: what the trace cache holds."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="python -m specfed.trace",
+        description="List the trace cache, or describe traces (point, requests, sizes).",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="every trace in the cache ($SPECFED_CACHE/traces)")
+    info = sub.add_parser("info", help="one JSON object per trace")
+    info.add_argument("traces", nargs="+", type=Path)
+    args = ap.parse_args(argv)
+    paths = sorted(trace_dir().glob("*.zip")) if args.cmd == "list" else args.traces
+    status = 0
+    for path in paths:
+        try:
+            t = Trace.open(path)
+        except TraceError as exc:
+            print(f"specfed.trace: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        m = t.meta
+        print(
+            json.dumps(
+                {
+                    "trace": str(path),
+                    "bytes": path.stat().st_size,
+                    "point": m["point"],
+                    "draft": m["vocab"]["draft"],
+                    "workers": m["workers"],
+                    "requests": len(m["requests"]),
+                    "tokens": [len(r["tokens"]) for r in m["requests"]],
+                    "stored_bytes": m.get("bytes"),
+                    "stored_bytes_per_request": m.get("bytes_per_request"),
+                    "created_utc": m.get("created_utc"),
+                }
+            )
+        )
+        t.close()
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
