@@ -475,6 +475,9 @@ def rounds_samples(
             f"the rounds table lacks {', '.join(missing)} (recorded by newer runs); cannot fit "
             f"role {role!r}"
         )
+    if role != "draft" and not (rounds["worker"].astype(str) == role).any():
+        workers = sorted(set(rounds["worker"].astype(str)))
+        raise ValueError(f"no rounds of role {role!r}; roles: draft, {', '.join(workers)}")
     rows = _where(rounds, filters or {})
     if "warmup" in rows.columns:
         rows = rows[~rows["warmup"].fillna(False).astype(bool)]
@@ -488,9 +491,6 @@ def rounds_samples(
             for r in rows.itertuples()
         ]  # fmt: skip
     rows = rows[rows["worker"].astype(str) == role].dropna(subset=list(need))
-    if rows.empty:
-        workers = sorted(set(rounds["worker"].astype(str)))
-        raise ValueError(f"no rounds of role {role!r}; roles: draft, {', '.join(workers)}")
     return [
         CostSample.verify(int(r.n_tokens), int(r.context_len) + int(r.n_drafted),
                           int(r.n_drafted) + 1, float(r.t_worker_ms))
