@@ -620,6 +620,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _column_value(text: str) -> tuple[str, str]:
+    col, eq, value = text.partition("=")
+    if not (col and eq):
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    return col, value
+
+
 def bench_profile(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Measure a device profile of one model on this machine (or fit one from a run)."""
     import os
@@ -628,7 +635,10 @@ def bench_profile(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     command = ["python", "-m", "specfed.bench", *argv]
     if args.from_run is not None:
-        profile = _profile_from_run(args, command)
+        try:
+            profile = _profile_from_run(args, command)
+        except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+            raise SystemExit(f"bench profile --from-run: {exc}") from exc
     else:
         from specfed.models import load_model
         from specfed.profile import DeviceProfile, fit_with_holdout
@@ -751,7 +761,7 @@ def _profile_from_run(args: argparse.Namespace, command: list[str]) -> Any:
         "whose processes shared the machine's cores; it describes that run's conditions, "
         f"not an idle device. {args.notes}".strip(),
     )
-    filters = dict(w.split("=", 1) for w in args.where)
+    filters = dict(args.where)
     return profile_from_rounds(
         rounds,
         args.role,
@@ -794,6 +804,7 @@ def _add_profile_parser(sub: Any) -> None:
         "--where",
         action="append",
         default=[],
+        type=_column_value,
         metavar="COL=VALUE",
         help="with --from-run: keep only rounds with this column value (repeatable)",
     )

@@ -480,7 +480,8 @@ def rounds_samples(
         raise ValueError(f"no rounds of role {role!r}; roles: draft, {', '.join(workers)}")
     rows = _where(rounds, filters or {})
     if "warmup" in rows.columns:
-        rows = rows[~rows["warmup"].fillna(False).astype(bool)]
+        warm = rows["warmup"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
+        rows = rows[~warm]
     if role == "draft":
         keys = [k for k in ROUND_KEYS if k in rows.columns]
         rows = rows.drop_duplicates(keys) if keys else rows

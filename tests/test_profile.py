@@ -342,6 +342,8 @@ def test_rounds_samples_columns_and_filters():
         row.context_len + 4,
         5,
     )
+    as_text = rounds.assign(warmup=rounds.warmup.map({True: "True", False: ""}))
+    assert len(rounds_samples(as_text, "w1", {"gamma": 4})) == 70  # CSV-read flags
     with pytest.raises(ValueError, match="lacks context_len"):
         rounds_samples(rounds.drop(columns=["context_len"]), "draft")
     with pytest.raises(ValueError, match="roles: draft, w1"):
