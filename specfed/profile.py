@@ -459,14 +459,31 @@ def _where(rounds: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
     return rounds
 
 
+def _measured_ms(rows: pd.DataFrame, column: str) -> pd.Series:
+    """The measured compute of each row, ms: `column` for live rows; for rows of a replay
+    run (compute_mode "replay", whose `column` holds an emulated wait) the time measured
+    when the trace was recorded (`<column minus _ms>_recorded_ms`), NaN if absent."""
+    import pandas as pd
+
+    t = pd.to_numeric(rows[column], errors="coerce")
+    if "compute_mode" in rows.columns:
+        replay = rows["compute_mode"].astype(str) == "replay"
+        recorded = column.removesuffix("_ms") + "_recorded_ms"
+        rec = pd.to_numeric(rows[recorded], errors="coerce") if recorded in rows else np.nan
+        t = t.where(~replay, rec)
+    return t
+
+
 def rounds_samples(
     rounds: pd.DataFrame, role: str, filters: Mapping[str, Any] | None = None
 ) -> list[CostSample]:
     """Cost samples from a rounds table: role "draft" -> one draft sample per round
     (draft_ms(draft_new_tokens, context_len, n_drafted) = t_draft_ms), a worker name -> one
     verify sample per round of that worker (verify_ms(n_tokens, context_len + n_drafted,
-    n_drafted + 1) = t_worker_ms). Warm-up rows and rows without a time are skipped;
-    `filters` keeps only rows whose column equals the value (e.g. {"transmission": "topk"}).
+    n_drafted + 1) = t_worker_ms). Rows of a replay run use the times measured at record
+    time (t_draft_recorded_ms, t_worker_recorded_ms), never the emulated waits. Warm-up rows
+    and rows without a time are skipped; `filters` keeps only rows whose column equals the
+    value (e.g. {"transmission": "topk"}).
     """
     need = DRAFT_COLUMNS if role == "draft" else WORKER_COLUMNS
     missing = [c for c in need if c not in rounds.columns]
@@ -485,16 +502,18 @@ def rounds_samples(
     if role == "draft":
         keys = [k for k in ROUND_KEYS if k in rows.columns]
         rows = rows.drop_duplicates(keys) if keys else rows
-        rows = rows[rows["n_drafted"] > 0].dropna(subset=list(need))
+        rows = rows[rows["n_drafted"] > 0].assign(t=_measured_ms(rows, "t_draft_ms"))
+        rows = rows.dropna(subset=[*need, "t"])
         return [
             CostSample.draft(int(r.draft_new_tokens), int(r.context_len), int(r.n_drafted),
-                             float(r.t_draft_ms))
+                             float(r.t))
             for r in rows.itertuples()
         ]  # fmt: skip
-    rows = rows[rows["worker"].astype(str) == role].dropna(subset=list(need))
+    rows = rows[rows["worker"].astype(str) == role]
+    rows = rows.assign(t=_measured_ms(rows, "t_worker_ms")).dropna(subset=[*need, "t"])
     return [
         CostSample.verify(int(r.n_tokens), int(r.context_len) + int(r.n_drafted),
-                          int(r.n_drafted) + 1, float(r.t_worker_ms))
+                          int(r.n_drafted) + 1, float(r.t))
         for r in rows.itertuples()
     ]  # fmt: skip
 

@@ -342,6 +342,13 @@ def test_rounds_samples_columns_and_filters():
         row.context_len + 4,
         5,
     )
+    # a replay run's t_worker_ms is an emulated wait: the recorded compute is used instead
+    live = [x.t_ms for x in rounds_samples(rounds.assign(compute_mode="live"), "w1")]
+    replay = rounds.assign(
+        compute_mode="replay", t_worker_recorded_ms=rounds.t_worker_ms, t_worker_ms=1.0
+    )
+    assert [x.t_ms for x in rounds_samples(replay, "w1")] == live
+    assert rounds_samples(replay.drop(columns=["t_worker_recorded_ms"]), "w1") == []
     as_text = rounds.assign(warmup=rounds.warmup.map({True: "True", False: ""}))
     assert len(rounds_samples(as_text, "w1", {"gamma": 4})) == 70  # CSV-read flags
     with pytest.raises(ValueError, match="lacks context_len"):
