@@ -282,3 +282,38 @@ def test_peek_vocabulary_matches_the_loaded_model():
 
     lm = load_model("tiny-v64-s5")
     assert peek_vocabulary("tiny-v64-s5") == (lm.vocab_size, lm.fingerprint)
+
+
+def test_cli_validate_plan_version_and_exit_codes(tmp_path, capsys):
+    from testbed import cli
+
+    ok = write(tmp_path, with_("sweep", {"k": [4, 8], "transmission": ["topk"]}), "ok.yaml")
+    assert cli.main(["validate", str(ok)]) == 0
+    bad = write(tmp_path, with_("decoding.gamma", -1), "bad.yaml")
+    assert cli.main(["validate", str(bad)]) == 2
+    capsys.readouterr()
+    assert cli.main(["plan", str(ok), "--repetitions", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 network group(s), 4 point runs, 4 requests" in out
+    assert cli.main(["plan", str(bad)]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and "specfed-testbed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--help"])
+    assert "(default: results)" in capsys.readouterr().out
+
+
+def test_cli_list_shows_runs(tmp_path, capsys):
+    from testbed import cli
+
+    run = tmp_path / "results" / "demo" / "20260101T000000Z-abc"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(
+        '{"scenario": "demo", "git": {"short": "abcdef12", "dirty": true}, "ok": true, '
+        '"finished_utc": "x", "started_utc": "2026-01-01T00:00:00"}'
+    )
+    (run / "requests.csv").write_text("request_id,status\na,ok\nb,error\nc,ok\n")
+    assert cli.main(["list", "--out", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "abcdef12+dirty" in out and " ok " in out and " 2 " in out

@@ -214,7 +214,7 @@ def test_sigkill_then_clean_leaves_nothing_and_next_run_works(env, tmp_path):
     assert not list(state.glob("*.jsonl"))
 
 
-def test_sigterm_tears_down_and_keeps_rows(env, tmp_path):
+def test_sigterm_tears_down_keeps_rows_and_resumes(env, tmp_path):
     """SIGTERM (what timeout, a CI cancel or kill send) during a request: the run tears down
     every process, device and state file it made, keeps its rows, and exits non-zero."""
     state = tmp_path / "state"
@@ -246,6 +246,23 @@ def test_sigterm_tears_down_and_keeps_rows(env, tmp_path):
     assert rounds_csv.read_text().count("\n") > 1
     meta = json.loads((rounds_csv.parent / "meta.json").read_text())
     assert meta["ok"] is False and meta["stopped"] == "stopped by SIGTERM"
+
+    # --resume continues in the same folder: the unfinished points run again, the finished
+    # ones are kept once, and the run ends complete
+    run = rounds_csv.parent
+    before = pd.read_csv(run / "requests.csv")
+    done_before = before[before.status == "ok"][["point", "rep", "prompt_id"]]
+    res = run_cli("run", "--resume", str(run), "--quiet", env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = pd.read_csv(run / "requests.csv")
+    ok = after[after.status == "ok"]
+    assert not ok.duplicated(["point", "rep", "prompt_id"]).any()
+    assert len(ok) == 2  # smoke: 2 points x 1 prompt, all finished now
+    keys = ["point", "rep", "prompt_id"]
+    assert set(map(tuple, done_before.values)) <= set(map(tuple, ok[keys].values))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["ok"] is True and len(meta["resumed"]) == 1 and "stopped" not in meta
+    assert set(ok.run_id) == {run.name}
 
 
 def test_bad_scenario_refused_before_anything_starts(env, tmp_path):
