@@ -220,7 +220,9 @@ class WorkerRound:
 class RoundRecord:
     """One round: drafting, verification by every worker, aggregation and acceptance.
 
-    Times in ms. t_round_ms runs from the start of drafting to the emitted tokens;
+    Times in ms. t_start_s is the round's start on the monotonic clock (seconds; shared by
+    every process and Mininet host of a machine, so rounds line up with link traces);
+    t_round_ms runs from the start of drafting to the emitted tokens;
     t_aggregate_ms covers reconstruct + aggregate + accept (decoding is per worker:
     WorkerRound.t_decode_ms). Computing the metrics
     (alpha, eps) and writing records happen after the clock stops, and are excluded from a
@@ -230,6 +232,7 @@ class RoundRecord:
 
     round: int
     gamma: int
+    t_start_s: float
     context_len: int
     draft_new_tokens: int
     t_draft_emulated_ms: float
@@ -463,6 +466,7 @@ class FederatedGenerator:
         try:
             while len(out) < max_new_tokens and not (out and out[-1] in eos):
                 t0 = time.perf_counter()
+                t_start_mono = time.monotonic()
                 uniforms = RoundUniforms.draw(rng, self.gamma)
                 gamma = min(self.gamma, max_new_tokens - len(out) - 1)
                 drafts: list[int] = []
@@ -572,6 +576,7 @@ class FederatedGenerator:
                 record = RoundRecord(
                     round=len(rounds),
                     gamma=self.gamma,
+                    t_start_s=t_start_mono,
                     context_len=context_len,
                     draft_new_tokens=draft.n_sync if draft is not None else 0,
                     t_draft_emulated_ms=draft.t_emulated_ms if draft is not None else math.nan,

@@ -26,7 +26,8 @@ POINT_COLUMNS = (
     "temperature", "vocab_size",
 )  # fmt: skip
 ROUND_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "worker",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "t_start_s",
+    "worker",
     *POINT_COLUMNS, "compute_mode", "context_len", "draft_new_tokens", "n_drafted",
     "n_accepted", "n_emitted", "n_tokens", "bytes_up", "bytes_down", "t_draft_ms",
     "t_draft_emulated_ms", "t_draft_recorded_ms", "t_send_ms", "t_worker_ms",
