@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Calibrate a scenario's network many times: how often does a correct link pass?
 
-Builds the network of a scenario's first point (topology and ``links`` of the YAML file,
-as :class:`testbed.linkparams.LinkSpec` values, with :func:`testbed.linkemu.build_net`)
-once, then runs :func:`testbed.calibrate.calibrate_pair` between every worker and
-``srv`` ``--runs`` times, with the runner's arguments (20 pings). Prints one line per
-run and a JSON summary: passes, passes on the first attempt, and how many runs the old
-criterion (mean RTT) would have refused. Needs root (Mininet)::
+Builds the network of a scenario's first point once, the way ``testbed run`` does
+(:func:`testbed.netbuild.scenario_net`: the scenario's links as typed
+:class:`testbed.linkparams.LinkSpec` values from :func:`testbed.scenario.link_specs`, then
+:func:`testbed.linkemu.build_net`), then runs :func:`testbed.calibrate.calibrate_pair`
+between every worker and ``srv`` ``--runs`` times, with the runner's arguments (20 pings)
+and the scenario's tolerance. Prints one line per run and a JSON summary: passes, passes
+on the first attempt, and how many runs the old criterion (mean RTT) would have refused.
+Needs root (Mininet)::
 
     python scripts/calibration_repeat.py scenarios/smoke.yaml --runs 20
     python scripts/calibration_repeat.py scenarios/smoke.yaml --runs 20 --load matmul
@@ -22,18 +24,15 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from specfed.config import load_yaml  # noqa: E402
 from testbed.calibrate import Tolerance, calibrate_pair  # noqa: E402
-from testbed.linkemu import build_net  # noqa: E402
-from testbed.linkparams import DirectionParams, LinkSpec  # noqa: E402
-from topologies import load_topology  # noqa: E402
+from testbed.netbuild import scenario_net, tolerance  # noqa: E402
+from testbed.scenario import expand, load_scenario  # noqa: E402
 
 MATMUL_LOAD = (
     "import torch\n"
@@ -42,44 +41,6 @@ MATMUL_LOAD = (
     "while True:\n"
     "    a = torch.tanh(a @ a)\n"
 )
-
-
-def direction(fields: Mapping[str, Any]) -> DirectionParams:
-    """Scenario link fields (bw_mbit, delay_ms, jitter_ms, loss_pct, queue_pkts) of one
-    direction -> DirectionParams."""
-    return DirectionParams(
-        bw_mbit=fields.get("bw_mbit"),
-        delay_ms=float(fields.get("delay_ms", 0.0)),
-        jitter_ms=float(fields.get("jitter_ms", 0.0)),
-        loss_pct=float(fields.get("loss_pct", 0.0)),
-        max_queue_size=fields.get("queue_pkts"),
-    )
-
-
-def link_spec(fields: Mapping[str, Any]) -> LinkSpec:
-    """A scenario's link entry (top-level fields for both directions, ``up``/``down``
-    overriding them) -> LinkSpec."""
-    base = {k: v for k, v in fields.items() if k not in ("up", "down")}
-    return LinkSpec(
-        up=direction({**base, **(fields.get("up") or {})}),
-        down=direction({**base, **(fields.get("down") or {})}),
-    )
-
-
-def scenario_links(links: Mapping[str, Any]) -> tuple[LinkSpec, dict[str, LinkSpec]]:
-    """(default spec, {host: spec}) from a scenario's ``links`` (host keys only; a host
-    entry merges over ``default``, direction mappings included)."""
-    default = dict(links.get("default") or {})
-    per = {}
-    for key, value in links.items():
-        if key == "default":
-            continue
-        merged = {**default, **value}
-        for d in ("up", "down"):
-            if d in default or d in value:
-                merged[d] = {**(default.get(d) or {}), **(value.get(d) or {})}
-        per[key] = link_spec(merged)
-    return link_spec(default), per
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,23 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", choices=["none", "matmul"], default="none")
     ap.add_argument("--json", type=Path, help="write every calibration here")
     o = ap.parse_args(argv)
-    sc = load_yaml(o.scenario)
-    t = sc["topology"]
-    topo = load_topology(t["name"], t.get("file"))(**t.get("params", {}))
-    default, per = scenario_links(sc["links"])
-    workers = [h for h in topo.hosts() if h != "srv"]
+    sc = load_scenario(o.scenario)
+    point = expand(sc, 1)[0]
+    workers = list(point.scenario.workers)
     load = None
     if o.load == "matmul":
         load = subprocess.Popen([sys.executable, "-c", MATMUL_LOAD])
         time.sleep(3.0)  # torch import
     rows: list[dict[str, Any]] = []
-    tol = Tolerance()
-    emu = build_net(topo, per, default=default, label="calibration-repeat")
+    tol: Tolerance = tolerance(point.scenario.spec.network)
+    emu = scenario_net(point, label="calibration-repeat")
     try:
+        print("links:", {f"{a}-{b}": spec.as_dict() for (a, b), spec in emu.links.items()})
         for run in range(1, o.runs + 1):
             for w in workers:
                 t0 = time.monotonic()
-                c = calibrate_pair(emu, w, "srv", pings=o.pings, attempts=o.attempts)
+                c = calibrate_pair(emu, w, "srv", tolerance=tol, pings=o.pings, attempts=o.attempts)
                 mean_err = c.rtt.mean_ms - c.configured_rtt_ms
                 row = {
                     "run": run,
