@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 "passed": sum(r["passed"] for r in rs),
                 "passed_first_attempt": sum(r["passed"] and r["attempts"] == 1 for r in rs),
                 "mean_rtt_rule_would_pass": sum(r["mean_rule_ok"] for r in rs),
+                "rate_not_judged": sum(any(x["ok"] is None for x in r["rate"]) for r in rs),
             }
             for p in sorted({r["path"] for r in rows})
             for rs in [[r for r in rows if r["path"] == p]]

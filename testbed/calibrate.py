@@ -695,8 +695,16 @@ def judge_rtt(
 
 
 def judge_rate(r: RateStats, configured_mbit: float, tol: Tolerance) -> tuple[RateStats, str]:
-    """``r`` with configured, ratio and ok set, and the problem ('' if ok)."""
+    """``r`` with configured, ratio and ok set, and the problem ('' if ok or not judged).
+
+    Not judged (``ok`` None): the sender could not offer more than the configured rate
+    (+ tolerance) and the path carried all it offered, so the link was never the
+    bottleneck (a link faster than the Python sender, ~400 Mbit/s and up). If the path
+    carried less than it was offered, the link was the bottleneck and is judged."""
     ratio = r.mbit / configured_mbit
+    carried_all = r.mbit >= (1 - tol.rate_rel) * r.offered_mbit
+    if r.offered_mbit < (1 + tol.rate_rel) * configured_mbit and carried_all:
+        return replace(r, configured_mbit=configured_mbit, ratio=ratio, ok=None), ""
     ok = abs(ratio - 1.0) <= tol.rate_rel and r.socket_drops == 0
     why = ""
     if not ok:
