@@ -168,11 +168,18 @@ class Network(StrictModel):
     calibrate: bool = True
     """measure every worker path's RTT and goodput before trusting it"""
     rtt_tolerance_ms: Annotated[float, Field(ge=0, le=1e4)] = 0.5
-    """calibration: allowed RTT error, ms (plus rtt_tolerance_pct of the RTT)"""
+    """calibration: allowed error of the median RTT, ms (or rtt_tolerance_pct, the larger)"""
     rtt_tolerance_pct: Annotated[float, Field(ge=0, le=100)] = 3.0
-    """calibration: allowed RTT error, percent of the configured RTT"""
+    """calibration: allowed error of the median RTT, percent of the configured RTT"""
+    rate_tolerance_pct: Annotated[float, Field(gt=0, le=100)] = 3.0
+    """calibration: allowed error of each direction's measured rate (a paced UDP train),
+    percent of the configured rate, both ways"""
+    loss_sigmas: Annotated[float, Field(gt=0, le=20)] = 4.0
+    """calibration: a direction's measured loss must lie within this many binomial
+    standard deviations of the configured loss"""
     goodput_min_ratio: Annotated[float, Field(ge=0, le=1)] = 0.90
-    """calibration: least TCP goodput / configured rate accepted"""
+    """calibration with TCP goodput (testbed calibrate --goodput): least goodput / rate on
+    lossless paths"""
 
 
 class Timeouts(StrictModel):
