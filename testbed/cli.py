@@ -240,7 +240,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "result",
             ],
             tablefmt="github",
-        )  # fmt: skip
+        )
     )
     out = args.out / sc.name
     out.mkdir(parents=True, exist_ok=True)
