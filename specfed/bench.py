@@ -16,6 +16,11 @@
                                      |Delta alpha| for every codec (value dtype x index
                                      coding, top-K and top-p) on the paper study's recorded
                                      Qwen distributions; issue 13's target (docs/codecs.md)
+    python -m specfed.bench profile  a device profile (specfed.profile): times real verify
+                                     passes and draft rounds of one model over a grid of
+                                     tokens and contexts, fits the cost model, writes the
+                                     profile with its provenance; or fits one from a run's
+                                     own records (--from-run)
 
 Timings are medians over repetitions after a warm-up that is dropped.
 """
@@ -29,9 +34,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psutil
@@ -41,6 +47,9 @@ from specfed.codecs import decode_any, index_bytes_for, make_codec
 from specfed.messages import Transmission
 from specfed.reconstruct import RECONSTRUCTIONS, aggregate
 from specfed.sampling import RoundUniforms, speculative_accept
+
+if TYPE_CHECKING:
+    from specfed.profile import Dtype
 
 QWEN_V = 151_936
 
@@ -624,6 +633,337 @@ def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class ProfileGrid:
+    """What `bench profile` times. Verify passes: at each cached context L, n = 1..gamma+1
+    new tokens with n_positions in {1, n}, plus prefills of P tokens from an empty cache
+    with gamma + 1 positions (a request's first round). Draft rounds: at each committed
+    length L, n_sync in {1, 2} and gamma' in {1, gamma // 2, gamma}, plus prefills of P
+    tokens. Every point is the median of `reps` timings (prefills: at most 3, they are the
+    long ones), after a dropped warm-up."""
+
+    gamma: int = 4
+    contexts: tuple[int, ...] = (64, 256, 512, 1024)
+    prefills: tuple[int, ...] = (32, 128, 512)
+    reps: int = 5
+    k: int = 64
+
+    def verify_points(self) -> list[tuple[int, int]]:
+        """(n_tokens, n_positions) timed at every context."""
+        return [(n, p) for n in range(1, self.gamma + 2) for p in sorted({1, n})]
+
+    def draft_points(self) -> list[tuple[int, int]]:
+        """(n_sync, gamma') timed at every context."""
+        gammas = sorted({1, max(1, self.gamma // 2), self.gamma})
+        return [(n, g) for n in (1, 2) for g in gammas]
+
+    @property
+    def prefill_reps(self) -> int:
+        return min(self.reps, 3)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "prefill_reps": self.prefill_reps,
+            "verify_n_tokens_n_positions": self.verify_points(),
+            "draft_n_sync_gamma": self.draft_points(),
+        }
+
+
+QUICK_GRID = ProfileGrid(gamma=2, contexts=(16, 64), prefills=(16, 48), reps=2, k=16)
+
+
+def _median_ms(fn: Callable[[], float], reps: int, spreads: list[float]) -> float:
+    """Median of `reps` timings returned by fn (ms); the relative spread goes to `spreads`."""
+    ts = [fn() for _ in range(reps)]
+    med = float(np.median(ts))
+    if med > 0:
+        spreads.append((max(ts) - min(ts)) / med)
+    return med
+
+
+def measure_profile_samples(lm: Any, grid: ProfileGrid) -> tuple[list[Any], dict[str, Any]]:
+    """Time real verify passes (LocalWorker.verify: Verifier + top-K encode, t_worker_ms)
+    and real draft rounds (DraftProposer.propose, Draft.t_ms) of `lm` over `grid`.
+
+    Returns (CostSamples, measurement info). Token ids are random (seeded): the cost of a
+    pass does not depend on which tokens it holds."""
+    from specfed.engine import LocalWorker
+    from specfed.messages import Transmission, VerifyRequest
+    from specfed.models import DraftProposer, KVSession
+    from specfed.options import Mode
+    from specfed.profile import CostSample
+
+    g = grid.gamma
+    limit = lm.max_context - g - 2
+    contexts = sorted(c for c in grid.contexts if 2 < c <= limit)
+    prefills = sorted(p for p in grid.prefills if g + 1 <= p <= limit)
+    rng = np.random.default_rng(0)
+    n_ids = lm.vocab_size if lm.tokenizer is None else min(lm.vocab_size, len(lm.tokenizer))
+    ids = rng.integers(0, n_ids, size=max([*contexts, *prefills, 8]) + g + 2).tolist()
+    worker = LocalWorker("profile", lm)
+    tr = Transmission(Mode.TOPK, k=min(grid.k, lm.vocab_size))
+    proposer = DraftProposer(lm)
+
+    def verify(rid: str, start: int, n: int, n_pos: int) -> float:
+        req = VerifyRequest(rid, start, ids[start : start + n], n_pos, 1.0, tr,
+                            measure_fidelity=False)  # fmt: skip
+        return float(worker.verify(req).t_worker_ms)
+
+    def draft(rid: str, committed_len: int, n_sync: int, gamma: int) -> float:
+        session = proposer.sessions.setdefault(rid, KVSession(lm))
+        session.crop(min(committed_len - n_sync, len(session.tokens)))
+        uniforms = rng.random(gamma)
+        return float(proposer.propose(rid, ids[:committed_len], gamma, 1.0, uniforms).t_ms)
+
+    samples: list[Any] = []
+    spreads: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up, dropped
+        verify("warm", 0, 8, 2)
+        draft("warm", 8, 8, 2)
+    worker.end("warm")
+    proposer.end("warm")
+    cur = 0
+    for L in contexts:
+        verify("v", cur, L - cur, 1)  # extend the cache to L tokens (not timed)
+        for n, n_pos in grid.verify_points():
+            t = _median_ms(partial(verify, "v", L, n, n_pos), grid.reps, spreads)
+            samples.append(CostSample.verify(n, L + n, n_pos, t))
+        cur = L
+        proposer.propose("d", ids[:L], 1, 1.0, rng.random(1))  # the draft's cache to L
+        for n_sync, gamma in grid.draft_points():
+            t = _median_ms(partial(draft, "d", L, n_sync, gamma), grid.reps, spreads)
+            samples.append(CostSample.draft(n_sync, L, gamma, t))
+        log(f"profile: context {L} done ({time.perf_counter() - t0:.0f} s)")
+    for P in prefills:
+        t = _median_ms(partial(verify, "p", 0, P, g + 1), grid.prefill_reps, spreads)
+        samples.append(CostSample.verify(P, P, g + 1, t))
+
+        def fresh_draft(P: int = P) -> float:
+            proposer.end("dp")
+            return draft("dp", P, P, g)
+
+        t = _median_ms(fresh_draft, grid.prefill_reps, spreads)
+        samples.append(CostSample.draft(P, P, g, t))
+        log(f"profile: prefill {P} done ({time.perf_counter() - t0:.0f} s)")
+    for rid in ("v", "p"):
+        worker.end(rid)
+    for rid in ("d", "dp"):
+        proposer.end(rid)
+    info = {
+        "grid": {**grid.describe(), "contexts": contexts, "prefills": prefills},
+        "samples": len(samples),
+        "seconds": time.perf_counter() - t0,
+        "median_rep_spread": float(np.median(spreads)) if spreads else None,
+        "verify_op": "engine.LocalWorker.verify (Verifier + top-K encode), t_worker_ms",
+        "draft_op": "models.DraftProposer.propose, Draft.t_ms",
+    }
+    return samples, info
+
+
+def _load_note() -> tuple[float, str]:
+    """(1-minute load average, a sentence about it)."""
+    import os
+
+    load = os.getloadavg()[0]
+    return load, f"1-min load average {load:.2f} on {os.cpu_count()} logical CPUs"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _column_value(text: str) -> tuple[str, str]:
+    col, eq, value = text.partition("=")
+    if not (col and eq):
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    return col, value
+
+
+def bench_profile(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Measure a device profile of one model on this machine (or fit one from a run)."""
+    import os
+
+    from specfed.profile import default_name, describe_device, make_provenance, save_profile
+
+    command = ["python", "-m", "specfed.bench", *argv]
+    if args.from_run is not None:
+        try:
+            profile = _profile_from_run(args, command)
+        except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+            raise SystemExit(f"bench profile --from-run: {exc}") from exc
+    else:
+        from specfed.models import load_model
+        from specfed.profile import DeviceProfile, fit_with_holdout
+
+        if args.model is None:
+            raise SystemExit("bench profile: give --model (or --from-run RUN_DIR --role R)")
+        base = QUICK_GRID if args.quick else ProfileGrid()
+        grid = ProfileGrid(
+            gamma=args.gamma if args.gamma is not None else base.gamma,
+            contexts=args.contexts or base.contexts,
+            prefills=args.prefills or base.prefills,
+            reps=args.reps or base.reps,
+            k=args.k or base.k,
+        )
+        dtype = cast("Dtype", args.dtype or "bf16")
+        threads = args.threads or 1
+        torch.set_num_threads(threads)
+        load_before, note_before = _load_note()
+        cores = os.cpu_count() or 1
+        if load_before > 0.25 * cores + 0.5:
+            log(f"profile: WARNING the machine is busy ({note_before}); a profile for "
+                "shipping must be measured on a quiet machine")  # fmt: skip
+        lm = load_model(args.model, dtype=dtype)
+        samples, measurement = measure_profile_samples(lm, grid)
+        _, note_after = _load_note()
+        cost, head, fit = fit_with_holdout(samples)
+        fit["measurement"] = measurement
+        fit["samples"] = [[s.kind, s.n_tokens, s.context, s.n, round(s.t_ms, 4)] for s in samples]
+        fit["samples_columns"] = ["kind", "n_tokens", "context", "n_positions|gamma", "t_ms"]
+        prov = make_provenance(
+            command,
+            notes=f"measured in one process; {note_before} at the start, "
+            f"{note_after.split(' on ')[0]} at the end. {args.notes}".strip(),
+        )
+        profile = DeviceProfile(
+            name=args.name or default_name(args.model, dtype, threads, prov.cores),
+            device=args.device or describe_device(prov.cpu, prov.cores),
+            model=args.model,
+            dtype=dtype,
+            threads=threads,
+            vocab_size=lm.vocab_size,
+            forward=cost,
+            head_ms_per_position=head,
+            fit=fit,
+            provenance=prov,
+        )
+    out = args.out or Path("results") / "profiles" / f"{profile.name}.json"
+    written = save_profile(profile, out)
+    log(f"profile: wrote {written}")
+    summary = {k: v for k, v in profile.fit.items() if k not in ("samples", "samples_columns")}
+    return {
+        "benchmark": "profile",
+        "written": str(written),
+        "name": profile.name,
+        "model": profile.model,
+        "dtype": profile.dtype,
+        "threads": profile.threads,
+        "coefficients_ms": profile.coefficients(),
+        "fit": summary,
+        "examples_ms": {
+            "verify_5_tokens_at_context_256": profile.verify_ms(5, 256, 5),
+            "draft_gamma_4_n_sync_1_at_context_256": profile.draft_ms(1, 256, 4),
+        },
+    }
+
+
+def _run_models(run_dir: Path) -> dict[str, Any]:
+    """models: {draft, workers, dtype, threads} of a run folder's scenario.yaml, or {}."""
+    from specfed.config import load_yaml
+
+    scenario = run_dir / "scenario.yaml"
+    if not scenario.is_file():
+        return {}
+    models = load_yaml(scenario).get("models") or {}
+    return models if isinstance(models, dict) else {}
+
+
+def _profile_from_run(args: argparse.Namespace, command: list[str]) -> Any:
+    """A profile fitted from RUN_DIR/rounds.csv (the run's own records)."""
+    import os
+    import socket
+
+    import pandas as pd
+
+    from specfed.models import peek_vocabulary
+    from specfed.profile import Provenance, cpu_model, profile_from_rounds
+    from specfed.provenance import git_state, versions
+
+    run_dir = Path(args.from_run)
+    if args.role is None:
+        raise SystemExit("bench profile --from-run: give --role draft|<worker name>")
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    models = _run_models(run_dir)
+    workers = models.get("workers") or {}
+    model = args.model or (models.get("draft") if args.role == "draft" else workers.get(args.role))
+    if not model:
+        raise SystemExit(f"bench profile: {run_dir} does not name the model of role "
+                         f"{args.role!r}; give --model")  # fmt: skip
+    dtype = cast("Dtype", args.dtype or models.get("dtype") or "fp32")
+    threads = args.threads or models.get("threads") or 1
+    if "vocab_size" in rounds.columns and rounds["vocab_size"].notna().any():
+        vocab_size = int(rounds["vocab_size"].dropna().iloc[0])
+    else:
+        peek = peek_vocabulary(model)
+        if peek is None:
+            raise SystemExit(f"bench profile: V of {model!r} unknown; prepare the model first")
+        vocab_size = peek[0]
+    meta_path = run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    host = str(meta.get("host") or "unknown")
+    prov = Provenance(
+        command=" ".join(command),
+        measured_utc=str(meta.get("started_utc") or "unknown"),
+        host=host,
+        cpu=cpu_model() if host == socket.gethostname() else "unknown (not in the run's meta)",
+        cores=os.cpu_count() or 1,
+        git=meta.get("git") or git_state(),
+        versions=meta.get("versions") or versions(),
+        notes=f"fitted from the records of run {run_dir} (role {args.role}): a LIVE run, "
+        "whose processes shared the machine's cores; it describes that run's conditions, "
+        f"not an idle device. {args.notes}".strip(),
+    )
+    filters = dict(args.where)
+    return profile_from_rounds(
+        rounds,
+        args.role,
+        model=str(model),
+        dtype=dtype,
+        threads=int(threads),
+        vocab_size=vocab_size,
+        provenance=prov,
+        name=args.name,
+        device=args.device,
+        filters=filters,
+    )
+
+
+def _add_profile_parser(sub: Any) -> None:
+    pr = sub.add_parser(
+        "profile",
+        help="measure a device profile of one model (or fit one from a run's records)",
+        description="Times real verify passes and draft rounds of --model on this machine, "
+        "fits the cost model of specfed.profile and writes the profile (default "
+        "results/profiles/NAME.json). Measure on a quiet machine. With --from-run, fits "
+        "the profile of one role from a run folder's rounds.csv instead (no model loaded).",
+    )
+    pr.add_argument("--model", help="bundle name, tiny-v<V>-s<seed>, or a folder")
+    pr.add_argument("--dtype", choices=["fp32", "bf16"], help="weight dtype (default bf16)")
+    pr.add_argument("--threads", type=int, help="torch threads (default 1)")
+    pr.add_argument("--out", type=Path, help="the profile file to write")
+    pr.add_argument("--name", help="profile name (default cpu<cores>-<model>-<dtype>-t<threads>)")
+    pr.add_argument("--device", help="device description (default: cores, arch, CPU model)")
+    pr.add_argument("--notes", default="", help="added to provenance.notes")
+    pr.add_argument("--quick", action="store_true", help="a small grid (tests, CI)")
+    pr.add_argument("--gamma", type=int, help="largest gamma of the grid (default 4)")
+    pr.add_argument("--contexts", type=_int_list, help="cached contexts, e.g. 64,256,1024")
+    pr.add_argument("--prefills", type=_int_list, help="prefill lengths, e.g. 32,128,512")
+    pr.add_argument("--reps", type=int, help="timings per grid point (median; default 5)")
+    pr.add_argument("--k", type=int, help="K of the top-K encode timed (default 64)")
+    pr.add_argument("--from-run", type=Path, help="fit from RUN_DIR/rounds.csv instead")
+    pr.add_argument("--role", help="with --from-run: draft or a worker name (w1, ...)")
+    pr.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        type=_column_value,
+        metavar="COL=VALUE",
+        help="with --from-run: keep only rounds with this column value (repeatable)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m specfed.bench",
@@ -671,13 +1011,17 @@ def main(argv: list[str] | None = None) -> int:
     cb.add_argument("--vocab", type=int, default=4000, help="synthetic: V")
     cb.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     cb.add_argument("--temperatures", default="0.8,1.0,1.2")
-    cb.add_argument("--ks", default="16,64,256", help="K of top-K, and the caps of top-p")
-    cb.add_argument("--epsilons", default="0.01,0.001", help="epsilon of top-p")
+    cb.add_argument("--ks", default="16,64,128,256", help="K of top-K, and the caps of top-p")
+    cb.add_argument("--epsilons", default="0.01,0.003,0.001", help="epsilon of top-p")
     cb.add_argument("--plot", type=Path, default=None, help="write the trade-off plot (PNG)")
     cb.add_argument("--threads", type=int, default=2)
+    _add_profile_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.which == "codecs":
         out = bench_codecs(args)
+    elif args.which == "profile":
+        out = bench_profile(args, argv)
     elif args.which == "loopback":
         out = bench_loopback(args)
     elif args.which == "dtype-one":

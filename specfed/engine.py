@@ -29,11 +29,13 @@ from specfed.codecs import Payload, decode_any
 from specfed.messages import BadReply, Transmission, VerifyReply, VerifyRequest, check_reply
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
+    Draft,
     DraftProposer,
     HasVocabulary,
     LoadedModel,
     Verifier,
     check_same_vocabulary,
+    common_prefix,
 )
 from specfed.options import LossPolicy, Reconstruction, check_weights
 from specfed.reconstruct import aggregate, reconstruct
@@ -47,6 +49,27 @@ class WorkerLost(RuntimeError):
         super().__init__(f"worker {worker!r} lost: {reason}")
         self.worker = worker
         self.reason = reason
+
+
+class Proposer(Protocol):
+    """The server's drafting side: a draft model (models.DraftProposer) or a replay of a
+    recorded one (specfed.replay.ReplayProposer). Names the vocabulary it drafts in."""
+
+    name: str
+    vocab_size: int
+    fingerprint: str
+    eos_token_ids: frozenset[int]
+
+    def propose(
+        self,
+        request_id: str,
+        committed: Sequence[int],
+        gamma: int,
+        temperature: float,
+        uniforms: np.ndarray,
+    ) -> Draft: ...
+
+    def end(self, request_id: str) -> None: ...
 
 
 class WorkerClient(Protocol):
@@ -77,8 +100,29 @@ def local_l1(p: np.ndarray, payload: Payload, method: Reconstruction | None) -> 
         return math.nan
     if method in (None, Reconstruction.RENORMALIZE):  # Lemma 1: exactly 2 eps
         return float(np.mean(2.0 * payload.eps))
+    if method == Reconstruction.RESIDUAL_MASS:
+        return _residual_mass_l1(p, payload)
     p_hat = reconstruct(payload, method)
     return float(np.abs(p.astype(np.float64) - p_hat).sum(axis=1).mean())
+
+
+def _residual_mass_l1(p: np.ndarray, payload: Payload) -> float:
+    """||p - p_hat||_1 for residual-mass (p_hat = the sent values on S, eps / (V - K) on
+    the complement), without building p_hat: one pass over V per position.
+
+    sum_{v not in S} |p(v) - fill| = sum_v |p(v) - fill| - sum_{v in S} |p(v) - fill|.
+    """
+    vocab = payload.vocab_size
+    total = 0.0
+    for j, (idx, val) in enumerate(zip(payload.indices, payload.values, strict=True)):
+        row = p[j].astype(np.float64)
+        kept = row[idx]
+        l1 = float(np.abs(kept - val).sum())
+        if vocab > len(idx):
+            fill = float(payload.eps[j]) / (vocab - len(idx))
+            l1 += float(np.abs(row - fill).sum() - np.abs(kept - fill).sum())
+        total += l1
+    return total / payload.n_positions
 
 
 class LocalWorker:
@@ -91,6 +135,7 @@ class LocalWorker:
         self.vocab_size = lm.vocab_size
         self.fingerprint = lm.fingerprint
         self.verifier = Verifier(lm)
+        self.max_context = lm.max_context
 
     def verify(self, request: VerifyRequest) -> VerifyReply:
         t0 = time.perf_counter()
@@ -102,16 +147,17 @@ class LocalWorker:
             request.temperature,
         )
         payload = request.transmission.codec().encode(p)
-        t_worker_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         l1 = math.nan
         if request.measure_fidelity:
             l1 = local_l1(p, decode_any(payload), request.reconstruction)
         return VerifyReply(
             payload,
-            t_worker_ms,
+            (t1 - t0) * 1e3,
             l1,
             request_id=request.request_id,
             round=request.round,
+            t_fidelity_ms=(time.perf_counter() - t1) * 1e3,
             bytes_up=len(payload),
             bytes_down=4 * len(request.tokens),
         )
@@ -145,7 +191,8 @@ class WorkerRound:
     transmission (index_bytes as sent: the width chosen for V when the transmission left it
     open; None for full and the non-fixed index codings).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
-    reply; t_net_ms = t_call_ms - t_worker_ms (network, framing and queueing); t_decode_ms
+    reply; t_fidelity_ms the worker's time measuring local_l1 (testbed overhead); t_net_ms =
+    t_call_ms - t_worker_ms - t_fidelity_ms (network, framing and queueing); t_decode_ms
     checking the reply against its request and decoding its payload (server overhead).
     """
 
@@ -159,9 +206,12 @@ class WorkerRound:
     k_mean: float
     bytes_up: int
     bytes_down: int
+    n_tokens: int
     t_worker_ms: float
+    t_worker_recorded_ms: float
     t_send_ms: float
     t_call_ms: float
+    t_fidelity_ms: float
     t_net_ms: float
     t_decode_ms: float
     eps_mean: float
@@ -172,7 +222,9 @@ class WorkerRound:
 class RoundRecord:
     """One round: drafting, verification by every worker, aggregation and acceptance.
 
-    Times in ms. t_round_ms runs from the start of drafting to the emitted tokens;
+    Times in ms. t_start_s is the round's start on the monotonic clock (seconds; shared by
+    every process and Mininet host of a machine, so rounds line up with link traces);
+    t_round_ms runs from the start of drafting to the emitted tokens;
     t_aggregate_ms covers reconstruct + aggregate + accept (decoding is per worker:
     WorkerRound.t_decode_ms). Computing the metrics
     (alpha, eps) and writing records happen after the clock stops, and are excluded from a
@@ -182,6 +234,11 @@ class RoundRecord:
 
     round: int
     gamma: int
+    t_start_s: float
+    context_len: int
+    draft_new_tokens: int
+    t_draft_emulated_ms: float
+    t_draft_recorded_ms: float
     n_drafted: int
     n_accepted: int
     n_emitted: int
@@ -191,6 +248,8 @@ class RoundRecord:
     t_round_ms: float
     alpha: float
     workers: list[WorkerRound]
+    emitted: list[int] = field(default_factory=list)
+    """the tokens this round emitted (not a table column)"""
 
 
 @dataclass
@@ -235,7 +294,7 @@ class GenerationResult:
         """Rounds table rows: one per (round, worker)."""
         rows = []
         for r in self.rounds:
-            base = {k: v for k, v in asdict(r).items() if k != "workers"}
+            base = {k: v for k, v in asdict(r).items() if k not in ("workers", "emitted")}
             for w in r.workers:
                 rows.append({"request_id": self.request_id, **base, **asdict(w)})
         return rows
@@ -248,15 +307,6 @@ def ensemble_logp(per_worker: Sequence[np.ndarray], weights: Sequence[float] | n
     for w, pi in zip(weights, per_worker, strict=True):
         p += w * pi
     return float(np.mean(np.log(np.maximum(p, 1e-300))))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)
@@ -274,7 +324,8 @@ class FederatedGenerator:
     """Federated speculative decoding over N workers (in-process or remote).
 
     Args:
-        draft: the server's draft model (None only when gamma = 0).
+        draft: the server's draft model, or a Proposer (a replayed draft); None only when
+            gamma = 0.
         workers: the N workers.
         weights: w_i >= 0 summing to 1 (None = equal weights).
         transmissions: one Transmission for all workers, or one per worker (per-worker K);
@@ -292,7 +343,7 @@ class FederatedGenerator:
 
     def __init__(
         self,
-        draft: LoadedModel | None,
+        draft: LoadedModel | Proposer | None,
         workers: Sequence[WorkerClient],
         weights: Sequence[float] | None = None,
         transmissions: Transmission | Sequence[Transmission] | None = None,
@@ -328,13 +379,16 @@ class FederatedGenerator:
         self.measure_fidelity = measure_fidelity
         self.on_worker_loss = LossPolicy(on_worker_loss)
         self.pool = ThreadPoolExecutor(len(self.workers)) if parallel else None
-        self.draft = draft
-        self.proposer = DraftProposer(draft) if draft is not None else None
-        reference: HasVocabulary = draft if draft is not None else self.workers[0]
+        self.proposer: Proposer | None = (
+            DraftProposer(draft) if isinstance(draft, LoadedModel) else draft
+        )
+        reference: HasVocabulary = self.proposer if self.proposer is not None else self.workers[0]
         for wk in self.workers:
             check_same_vocabulary(reference, wk)
         self.vocab_size = self.workers[0].vocab_size
-        self.eos: frozenset[int] = draft.eos_token_ids if draft is not None else frozenset()
+        self.eos: frozenset[int] = (
+            self.proposer.eos_token_ids if self.proposer is not None else frozenset()
+        )
 
     def score(self, prompt: Sequence[int], tokens: Sequence[int]) -> float:
         """Mean log-probability per generated token under the exact ensemble p (all
@@ -414,11 +468,14 @@ class FederatedGenerator:
         try:
             while len(out) < max_new_tokens and not (out and out[-1] in eos):
                 t0 = time.perf_counter()
+                t_start_mono = time.monotonic()
                 uniforms = RoundUniforms.draw(rng, self.gamma)
                 gamma = min(self.gamma, max_new_tokens - len(out) - 1)
                 drafts: list[int] = []
                 q: np.ndarray | None = None
                 t_draft_ms = 0.0
+                context_len = len(committed)
+                draft: Draft | None = None
                 if self.proposer is not None and gamma > 0:
                     draft = self.proposer.propose(
                         rid, committed, gamma, self.temperature, uniforms.draft
@@ -428,7 +485,7 @@ class FederatedGenerator:
                 n_pos = len(drafts) + 1
                 requests = {}
                 for i in active:
-                    start = min(_common_prefix(seen[i], seq), len(seq) - n_pos)
+                    start = min(common_prefix(seen[i], seq), len(seq) - n_pos)
                     requests[i] = VerifyRequest(
                         rid,
                         start,
@@ -505,10 +562,13 @@ class FederatedGenerator:
                             k_mean=float(np.mean(payloads[i].k_per_position)),
                             bytes_up=reply.bytes_up,
                             bytes_down=reply.bytes_down,
+                            n_tokens=len(requests[i].tokens),
                             t_worker_ms=reply.t_worker_ms,
+                            t_worker_recorded_ms=reply.t_recorded_ms,
                             t_send_ms=reply.t_send_ms,
                             t_call_ms=t_call_ms,
-                            t_net_ms=t_call_ms - reply.t_worker_ms,
+                            t_fidelity_ms=reply.t_fidelity_ms,
+                            t_net_ms=t_call_ms - reply.t_worker_ms - reply.t_fidelity_ms,
                             t_decode_ms=answer.t_decode_ms,
                             eps_mean=float(np.mean(payloads[i].eps)),
                             local_l1=reply.local_l1,
@@ -517,6 +577,11 @@ class FederatedGenerator:
                 record = RoundRecord(
                     round=len(rounds),
                     gamma=self.gamma,
+                    t_start_s=t_start_mono,
+                    context_len=context_len,
+                    draft_new_tokens=draft.n_sync if draft is not None else 0,
+                    t_draft_emulated_ms=draft.t_emulated_ms if draft is not None else math.nan,
+                    t_draft_recorded_ms=draft.t_recorded_ms if draft is not None else math.nan,
                     n_drafted=len(drafts),
                     n_accepted=n_acc,
                     n_emitted=len(emitted),
@@ -526,6 +591,7 @@ class FederatedGenerator:
                     t_round_ms=t_round_ms,
                     alpha=alpha,
                     workers=worker_rows,
+                    emitted=list(emitted),
                 )
                 rounds.append(record)
                 if on_round is not None:

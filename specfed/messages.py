@@ -173,7 +173,12 @@ class VerifyReply:
 
     Attributes:
         payload: the codec's bytes (what crosses the network).
-        t_worker_ms: the worker's compute: forward pass + softmax + encode.
+        t_worker_ms: the worker's compute: forward pass + softmax + encode (in replay: the
+            emulated compute it waited, from its device profile).
+        t_recorded_ms: replay only: the compute measured when the trace was recorded (NaN
+            when computing for real).
+        t_fidelity_ms: time the worker spent measuring local_l1 after its compute: testbed
+            overhead, neither compute nor network.
         local_l1: mean over positions of ||p_i - p_hat_i||_1, computed by the worker from its
             exact p_i (NaN for draft-guided: the worker does not have q; NaN if not measured).
         request_id, round: the request and round this reply answers.
@@ -187,6 +192,8 @@ class VerifyReply:
     local_l1: float = math.nan
     request_id: str = ""
     round: int = 0
+    t_recorded_ms: float = math.nan
+    t_fidelity_ms: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
     t_send_ms: float = 0.0
@@ -209,8 +216,9 @@ def check_reply(request: VerifyRequest, reply: VerifyReply, vocab_size: int) -> 
             f"answers request {reply.request_id!r} round {reply.round}, but request "
             f"{request.request_id!r} round {request.round} was asked (a stale or misrouted reply)"
         )
-    if not (math.isfinite(reply.t_worker_ms) and reply.t_worker_ms >= 0):
-        raise BadReply(f"worker time {reply.t_worker_ms!r} ms is not a finite number >= 0")
+    for what, t in (("worker time", reply.t_worker_ms), ("fidelity time", reply.t_fidelity_ms)):
+        if not (math.isfinite(t) and t >= 0):
+            raise BadReply(f"{what} {t!r} ms is not a finite number >= 0")
     if not (math.isnan(reply.local_l1) or 0.0 <= reply.local_l1 <= 2.0 + 1e-6):
         raise BadReply(f"local L1 {reply.local_l1!r} is outside [0, 2]")
     try:

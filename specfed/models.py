@@ -12,8 +12,10 @@ by the sampler, which is equivalent to speculative sampling with one-hot p and q
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -121,6 +123,52 @@ def _label(x: HasVocabulary) -> str:
 TINY_NAME = re.compile(r"tiny-v(?P<v>\d+)-s(?P<s>\d+)")
 
 
+@functools.lru_cache(maxsize=64)
+def peek_vocabulary(spec: str) -> tuple[int, str] | None:
+    """(V, fingerprint) of the model `spec` names, from its tokenizer and config alone (no
+    weights, nothing prepared or downloaded); None when it cannot be known without preparing
+    the model (a bundle model not yet converted, a .gguf file).
+
+    Raises ModelError when `spec` names no model: an unknown name, a missing path, or a hub
+    id (runs are offline: models come from the bundle or a local folder).
+    """
+    from specfed.bundle import BundleError, classify_model_spec
+
+    if tiny := TINY_NAME.fullmatch(spec):
+        v = int(tiny["v"])
+        return v, vocab_fingerprint(_TinyVocab(v), v)
+    try:
+        source = classify_model_spec(spec)
+    except BundleError as exc:
+        raise ModelError(str(exc)) from exc
+    if source.kind == "hub":
+        raise ModelError(
+            f"{spec!r} is not a bundle name or a local path (a hub id would need a model hub, "
+            "which runs do not reach: prepare it as a local folder with config.json)"
+        )
+    if source.path is None:
+        return None
+    try:
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the tokenizer of {spec!r} at {source.path}: {exc}") from exc
+    v = int(config.get("vocab_size") or len(tokenizer))
+    return v, vocab_fingerprint(tokenizer, v)
+
+
+class _TinyVocab:
+    """The vocabulary of `make_tiny_model`'s tokenizer ("t0".."t{V-1}"), for fingerprints."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self.vocab_size)}
+
+
 def load_model(spec: str, dtype: str = "fp32") -> LoadedModel:
     """Load a causal LM from a bundle name, a local HF folder, a .gguf file or a hub id
     (or a tiny test model by name, see TINY_NAME).
@@ -185,6 +233,16 @@ def probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
     return torch.softmax(logits.double() / t, dim=-1).float().numpy()
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class KVSession:
     """One model's KV cache for one request: the tokens it has processed and their cache.
 
@@ -235,12 +293,7 @@ class KVSession:
         Returns the logits [n_logits, V] after the last `n_logits` tokens of `sequence`. At
         least max(1, n_logits) tokens are (re)fed so that their logits exist.
         """
-        common = 0
-        for a, b in zip(self.tokens, sequence, strict=False):
-            if a != b:
-                break
-            common += 1
-        start = min(common, len(sequence) - max(1, n_logits))
+        start = min(common_prefix(self.tokens, sequence), len(sequence) - max(1, n_logits))
         return self.forward(start, sequence[start:], n_logits)
 
 
@@ -257,6 +310,12 @@ class Draft:
     tokens: list[int]
     q: np.ndarray
     t_ms: float
+    n_sync: int = 0
+    """tokens the first forward pass processed (those committed since the cache's prefix)"""
+    t_emulated_ms: float = math.nan
+    """replay: the drafting time the device profile gives (NaN when drafting for real)"""
+    t_recorded_ms: float = math.nan
+    """replay: the drafting time measured when the trace was recorded"""
 
 
 class DraftProposer:
@@ -268,6 +327,10 @@ class DraftProposer:
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
+        self.name = lm.name
+        self.vocab_size = lm.vocab_size
+        self.fingerprint = lm.fingerprint
+        self.eos_token_ids = lm.eos_token_ids
         self.sessions: dict[str, KVSession] = {}
 
     def propose(
@@ -285,7 +348,11 @@ class DraftProposer:
         session = self.sessions.setdefault(request_id, KVSession(self.lm))
         tokens: list[int] = []
         qs: list[np.ndarray] = []
+        n_sync = 0
         if gamma > 0:
+            n_sync = len(committed) - min(
+                common_prefix(session.tokens, committed), len(committed) - 1
+            )
             logits = session.sync(list(committed), 1)
             for j in range(gamma):
                 q = probabilities(logits, temperature)[0]
@@ -295,7 +362,7 @@ class DraftProposer:
                 if j + 1 < gamma:
                     logits = session.forward(len(session.tokens), [x], 1)
         q_all = np.stack(qs) if qs else np.zeros((0, self.lm.vocab_size), np.float32)
-        return Draft(tokens, q_all, (time.perf_counter() - t0) * 1e3)
+        return Draft(tokens, q_all, (time.perf_counter() - t0) * 1e3, n_sync)
 
     def end(self, request_id: str) -> None:
         """Free the request's KV cache."""

@@ -66,8 +66,7 @@ class WireOption(enum.StrEnum):
             return cls(value)
         except ValueError:
             raise ValueError(
-                f"{what or cls.__name__}: unknown value {value!r}; use one of "
-                f"{', '.join(cls.names())}"
+                f"unknown {what or cls.__name__} {value!r}; use one of {', '.join(cls.names())}"
             ) from None
 
 

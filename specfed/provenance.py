@@ -13,13 +13,14 @@ checkout).
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "git_state", "versions"]
+__all__ = ["REPO", "HelpFormatter", "git_state", "version_text", "versions"]
 
 REPO = Path(__file__).resolve().parents[1]
 """The project's checkout (the folder holding specfed/, testbed/, ...)."""
@@ -64,3 +65,18 @@ def versions(distributions: tuple[str, ...] = DEFAULT_DISTRIBUTIONS) -> dict[str
         except metadata.PackageNotFoundError:
             out[dist] = "missing"
     return out
+
+
+def version_text(prog: str) -> str:
+    """`--version` output: the program, the project's version and its git state."""
+    try:
+        version = metadata.version("specfed-testbed")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    git = git_state()
+    dirty = "+dirty" if git["dirty"] else ""
+    return f"{prog} (specfed-testbed {version}, git {git['short']}{dirty})"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse formatter of every command: the description as written, defaults shown."""

@@ -26,14 +26,17 @@ POINT_COLUMNS = (
     "temperature", "vocab_size",
 )  # fmt: skip
 ROUND_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "worker",
-    *POINT_COLUMNS, "n_drafted", "n_accepted", "n_emitted",
-    "bytes_up", "bytes_down", "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms",
-    "t_call_ms", "t_decode_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean",
-    "local_l1", "k_mean",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "t_start_s",
+    "worker",
+    *POINT_COLUMNS, "compute_mode", "context_len", "draft_new_tokens", "n_drafted",
+    "n_accepted", "n_emitted", "n_tokens", "bytes_up", "bytes_down", "t_draft_ms",
+    "t_draft_emulated_ms", "t_draft_recorded_ms", "t_send_ms", "t_worker_ms",
+    "t_worker_recorded_ms", "t_fidelity_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
+    "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean",
 )  # fmt: skip
 REQUEST_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS, "seed",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS,
+    "compute_mode", "seed",
     "status", "prompt_tokens", "new_tokens",
     "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance", "tokens_per_round",
     "bytes_up_total", "bytes_per_token", "logp_mean", "events", "tokens",

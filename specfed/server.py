@@ -36,7 +36,7 @@ from specfed import wire
 from specfed.client import RemoteWorker
 from specfed.codecs import index_bytes_for
 from specfed.engine import FederatedGenerator, GenerationResult, RoundRecord, WorkerLost
-from specfed.models import ModelError, load_model
+from specfed.models import HasVocabulary, ModelError, common_prefix, load_model
 from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype, check_weights
 from specfed.points import Point, points_from_lists, read_points
 from specfed.prompts import Prompt, PromptError, load_prompts
@@ -49,6 +49,7 @@ from specfed.records import (
     Table,
     summary_table,
 )
+from specfed.trace import TraceMismatch
 from specfed.wire import parse_addr, read_token
 
 log = logging.getLogger("specfed.server")
@@ -197,6 +198,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="file holding the shared secret of workers started with --auth-token-file",
     )
+    ap.add_argument(
+        "--replay",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="TRACE",
+        help="replay mode: draft from these traces (repeatable; one per point, made by "
+        "python -m specfed.record) instead of running the draft model; the workers must "
+        "replay the same traces. Prompts come from the traces",
+    )
+    ap.add_argument(
+        "--compute",
+        default="recorded",
+        help="replay: the emulated drafting time: 'recorded' or a device profile (name/file)",
+    )
+    ap.add_argument(
+        "--speed", type=float, default=1.0, help="replay: divide the emulated drafting time by this"
+    )
     ap.add_argument("--quiet", action="store_true", help="no per-request progress lines")
     return ap.parse_args(argv)
 
@@ -255,15 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, PromptError) as exc:  # ConfigError is a ValueError
         print(f"specfed.server: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        draft = load_model(args.draft, dtype=args.dtype)
+        drafter = _Replay(args.replay, points, args) if args.replay else _Live(args, prompts)
+    except (ValueError, RuntimeError, OSError) as exc:  # ModelError, TraceError
+        print(f"specfed.server: {exc}", file=sys.stderr)
+        return 2
+    try:
         workers = [
             RemoteWorker(
                 n,
                 a,
-                draft,
+                drafter.vocab,
                 args.connect_timeout,
                 args.read_timeout,
                 args.round_timeout,
@@ -277,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_id = args.run_id or uuid.uuid4().hex[:8]
     args.out.mkdir(parents=True, exist_ok=True)
-    info_path = args.out / args.info_file
-    (info_path).write_text(
+    (args.out / args.info_file).write_text(
         json.dumps(
             {
                 "argv": sys.argv if argv is None else argv,
@@ -289,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": {w.name: w.model_name for w in workers},
                 "draft": {
                     "name": args.draft,
-                    "vocab_size": draft.vocab_size,
-                    "fingerprint": draft.fingerprint,
+                    "vocab_size": drafter.vocab.vocab_size,
+                    "fingerprint": drafter.vocab.fingerprint,
                     "dtype": args.dtype,
                 },
+                "compute": drafter.describe(),
             },
             indent=2,
         )
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     events = EventLog(args.out / "events.jsonl")
     print(
         f"specfed.server ready: {len(workers)} workers, {len(points)} points x "
-        f"{len(prompts)} prompts, run {run_id}",
+        f"{len(prompts)} prompts, run {run_id}, compute {drafter.mode}",
         flush=True,
     )
 
@@ -315,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     first_request = True
     for pi, point in enumerate(points):
         gen = FederatedGenerator(
-            draft if point.gamma > 0 else None,
+            drafter.proposer(point),
             workers,
             weights,
             transmissions=point.transmission,
@@ -326,28 +347,34 @@ def main(argv: list[str] | None = None) -> int:
             parallel=True,
             on_worker_loss=args.on_worker_loss,
         )
-        keys = {"run_id": run_id, **point.columns(), "vocab_size": gen.vocab_size}
+        keys = {
+            "run_id": run_id,
+            **point.columns(),
+            "vocab_size": gen.vocab_size,
+            "compute_mode": drafter.mode,
+        }
         if point.transmission.mode != Mode.FULL and point.transmission.index_bytes is None:
             keys["index_bytes"] = index_bytes_for(gen.vocab_size)  # the width on the wire
-        for i, prompt in enumerate(prompts):
+        for i, (prompt_id, ids) in enumerate(drafter.prompts(point)):
             rid = f"{run_id}-p{point.point}r{point.rep}-{i}"
-            ids = list(prompt.token_ids) if prompt.token_ids else draft.encode(prompt.text or "")
             # The first request of a set of worker processes pays their warm-up (allocator,
             # caches, lazy init): flagged, so analysis can leave it out.
-            req_keys = {**keys, "request_id": rid, "prompt_id": prompt.id, "warmup": first_request}
+            req_keys = {**keys, "request_id": rid, "prompt_id": prompt_id, "warmup": first_request}
             first_request = False
 
             def on_round(r: RoundRecord, req_keys: dict[str, Any] = req_keys) -> None:
-                base = {k: v for k, v in r.__dict__.items() if k != "workers"}
+                base = {k: v for k, v in r.__dict__.items() if k not in ("workers", "emitted")}
                 for w in r.workers:
                     rounds_t.append({**req_keys, **base, **w.__dict__})
+                drafter.check_round(str(req_keys["request_id"]), r)
 
             t0 = time.perf_counter()
             try:
                 res = gen.generate(
                     ids, args.max_new_tokens, seed=args.seed + i, request_id=rid, on_round=on_round
                 )
-            except WorkerLost as exc:
+                drafter.check_request(point, i, rid, res.tokens)
+            except (WorkerLost, TraceMismatch) as exc:
                 msg = str(exc)
                 events.write(
                     {
@@ -373,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"specfed.server: {rid}: {ev}", file=sys.stderr)
             if not args.quiet:
                 print(
-                    f"[{pi + 1}/{len(points)}] {point.label} {prompt.id}: "
+                    f"[{pi + 1}/{len(points)}] {point.label} {prompt_id}: "
                     f"{row['new_tokens']} tokens, {row['ms_per_token']:.1f} ms/token, "
                     f"acceptance {row['acceptance']:.2f}",
                     flush=True,
@@ -389,6 +416,102 @@ def main(argv: list[str] | None = None) -> int:
         _print_summary(results)
     print(f"records: {args.out}")
     return status
+
+
+class _Live:
+    """Drafting for real: the draft model loaded here; prompts encoded by its tokenizer."""
+
+    mode = "live"
+
+    def __init__(self, args: argparse.Namespace, prompts: list[Prompt]) -> None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.draft = load_model(args.draft, dtype=args.dtype)
+        self.vocab: HasVocabulary = self.draft
+        self._prompts = [
+            (p.id, list(p.token_ids) if p.token_ids else self.draft.encode(p.text or ""))
+            for p in prompts
+        ]
+
+    def prompts(self, point: Point) -> list[tuple[str, list[int]]]:
+        return self._prompts
+
+    def proposer(self, point: Point) -> Any:
+        return self.draft if point.gamma > 0 else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def check_round(self, request_id: str, record: RoundRecord) -> None:
+        return None
+
+    def check_request(self, point: Point, index: int, request_id: str, tokens: list[int]) -> None:
+        return None
+
+
+class _Replay:
+    """Drafting replayed from traces (specfed.replay): no model loaded; each point's prompts
+    and recorded tokens come from its trace, and every round's emitted tokens are checked."""
+
+    mode = "replay"
+
+    def __init__(self, paths: list[Path], points: list[Point], args: argparse.Namespace) -> None:
+        from specfed.replay import ReplayProposer, compute_times
+        from specfed.trace import TraceError, TraceSet
+
+        self.traces = TraceSet.open(paths)
+        self.by_point: dict[int, Any] = {}
+        for p in points:
+            want = p.model_dump(mode="json", exclude={"point", "rep"})
+            match = [t for t in self.traces.traces if t.meta.get("point") == want]
+            if not match:
+                raise TraceError(
+                    f"no trace given for point {p.label} (the --replay traces hold "
+                    + ", ".join(
+                        Point.model_validate(t.meta["point"]).label for t in self.traces.traces
+                    )
+                    + ")"
+                )
+            self.by_point[p.point] = match[0]
+        self.times = compute_times(args.compute, args.speed)
+        # One proposer per point: a draft is looked up in its own point's trace only (the
+        # same draft serves every point, but what its round emits differs between points).
+        self.proposers = {
+            i: ReplayProposer(TraceSet([t]), self.times) for i, t in self.by_point.items()
+        }
+        self.current: Any = None
+        self.vocab: HasVocabulary = next(iter(self.proposers.values()))
+
+    def proposer(self, point: Point) -> Any:
+        self.current = self.proposers[point.point] if point.gamma > 0 else None
+        return self.current
+
+    def prompts(self, point: Point) -> list[tuple[str, list[int]]]:
+        return [
+            (str(r["prompt_id"]), list(r["prompt_ids"]))
+            for r in self.by_point[point.point].meta["requests"]
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "draft_compute": self.times.label,
+            "draft_speed": self.times.speed,
+            "traces": [str(t.path) for t in self.traces.traces],
+        }
+
+    def check_round(self, request_id: str, record: RoundRecord) -> None:
+        if self.current is not None:
+            self.current.check_round(request_id, record.emitted)
+
+    def check_request(self, point: Point, index: int, request_id: str, tokens: list[int]) -> None:
+        recorded = self.by_point[point.point].meta["requests"][index]["tokens"]
+        if list(tokens) != list(recorded):
+            first = common_prefix(tokens, recorded)
+            raise TraceMismatch(
+                f"request {request_id}: emitted {len(tokens)} tokens that differ from the "
+                f"{len(recorded)} recorded (first difference at token {first})"
+            )
 
 
 def _request_row(res: GenerationResult, keys: dict[str, Any], seed: int) -> dict[str, Any]:

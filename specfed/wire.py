@@ -258,15 +258,26 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
     )
 
 
-_REPLY = struct.Struct("<IddI")  # u32 round, f64 t_worker_ms, f64 local_l1, u32 payload length
+# u32 round, f64 t_worker_ms, f64 local_l1, f64 t_fidelity_ms, f64 t_recorded_ms,
+# u32 payload length
+_REPLY = struct.Struct("<IddddI")
 
 
 def encode_reply(reply: VerifyReply) -> bytes:
     """VERIFY_REPLY body: str request_id, u32 round (the request and round it answers),
-    f64 t_worker_ms, f64 local_l1 (NaN = not measured), u32 n, n payload bytes."""
+    f64 t_worker_ms, f64 local_l1 (NaN = not measured), f64 t_fidelity_ms (measuring it),
+    f64 t_recorded_ms (replay: the compute measured at record time; NaN live), u32 n,
+    n payload bytes."""
     return (
         _string(reply.request_id)
-        + _REPLY.pack(reply.round, reply.t_worker_ms, reply.local_l1, len(reply.payload))
+        + _REPLY.pack(
+            reply.round,
+            reply.t_worker_ms,
+            reply.local_l1,
+            reply.t_fidelity_ms,
+            reply.t_recorded_ms,
+            len(reply.payload),
+        )
         + reply.payload
     )
 
@@ -274,10 +285,12 @@ def encode_reply(reply: VerifyReply) -> bytes:
 def decode_reply(body: bytes) -> VerifyReply:
     r = _Reader(body, "VERIFY_REPLY")
     rid = r.string()
-    rnd, t_ms, l1, n = r.unpack("IddI")
+    rnd, t_ms, l1, t_fid, t_rec, n = r.unpack("IddddI")
     payload = bytes(r.take(n))
     r.done()
-    return VerifyReply(payload, t_ms, l1, request_id=rid, round=rnd)
+    return VerifyReply(
+        payload, t_ms, l1, request_id=rid, round=rnd, t_recorded_ms=t_rec, t_fidelity_ms=t_fid
+    )
 
 
 def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
@@ -286,7 +299,7 @@ def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
 
 
 def reply_frame_bytes(payload_bytes: int, request_id: str) -> int:
-    """Bytes of one VERIFY_REPLY frame: 12 header + 2 + len(id) + 24 fixed + the payload."""
+    """Bytes of one VERIFY_REPLY frame: 12 header + 2 + len(id) + 40 fixed + the payload."""
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _REPLY.size + payload_bytes
 
 

@@ -32,25 +32,41 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
-import torch
+import numpy as np
 
 from specfed import wire
-from specfed.engine import LocalWorker
-from specfed.messages import VerifyRequest
-from specfed.models import ModelError, load_model
+from specfed.messages import VerifyReply, VerifyRequest
 from specfed.wire import Connection, ErrorCode, MsgType, WireError, parse_addr, read_token
 
 log = logging.getLogger("specfed.worker")
+
+
+class Backend(Protocol):
+    """What a worker serves: a model in this process (engine.LocalWorker) or a replay of a
+    recorded one (replay.ReplayWorker)."""
+
+    model_name: str
+    vocab_size: int
+    fingerprint: str
+    max_context: int
+
+    def verify(self, request: VerifyRequest) -> VerifyReply: ...
+
+    def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray: ...
+
+    def end(self, request_id: str) -> None: ...
 
 
 class WorkerService:
     """The worker's state shared by all connections: the model, a compute lock and limits.
 
     Args:
-        worker: the model and its codec.
+        worker: the model and its codec (or its replay).
         max_frame: largest frame accepted, bytes (each message type has a smaller cap too).
         idle_timeout_s: close a connection that sends nothing for this long.
         frame_timeout_s: a frame must arrive whole within this long of its first byte.
@@ -61,7 +77,7 @@ class WorkerService:
 
     def __init__(
         self,
-        worker: LocalWorker,
+        worker: Backend,
         max_frame: int,
         idle_timeout_s: float,
         exit_after: int | None = None,
@@ -85,7 +101,7 @@ class WorkerService:
     def _check_fits(self, start: int, n_tokens: int, what: str) -> None:
         """Refuse a request past the model's context (it would hold the compute lock for
         nothing and fail, or worse, run)."""
-        limit = self.worker.lm.max_context
+        limit = self.worker.max_context
         if start + n_tokens > limit:
             raise RequestError(
                 f"{what}: {start + n_tokens} tokens exceed the model's context of {limit}"
@@ -105,7 +121,7 @@ class WorkerService:
         if (hello.fingerprint, hello.vocab_size) != (me.fingerprint, me.vocab_size):
             msg = (
                 f"vocabulary mismatch: server model {hello.name!r} (fingerprint "
-                f"{hello.fingerprint}, V={hello.vocab_size}) vs worker model {me.lm.name!r} "
+                f"{hello.fingerprint}, V={hello.vocab_size}) vs worker model {me.model_name!r} "
                 f"(fingerprint {me.fingerprint}, V={me.vocab_size})"
             )
             log.warning("refused %s: %s", peer, msg)
@@ -113,7 +129,7 @@ class WorkerService:
             return False
         conn.send(
             MsgType.HELLO_OK,
-            wire.Hello(me.vocab_size, me.fingerprint, me.lm.name, "worker").encode(),
+            wire.Hello(me.vocab_size, me.fingerprint, me.model_name, "worker").encode(),
         )
         log.info("connection %d from %s (%s)", cid, peer, hello.name)
         return True
@@ -171,7 +187,7 @@ class WorkerService:
                         os._exit(3)  # a crash, for failure experiments: no goodbye
                     try:
                         reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
-                    except (ModelError, ValueError) as exc:
+                    except (ValueError, RuntimeError) as exc:  # ModelError, TraceMismatch
                         raise RequestError(str(exc)) from exc
                 conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
             elif kind == MsgType.SCORE:
@@ -179,7 +195,10 @@ class WorkerService:
                 self._check_fits(0, len(seq), "SCORE")
                 log.debug("score %s: %d tokens", rid, len(seq) - n_ctx)
                 with self.compute:
-                    probs = me.score(seq, n_ctx, temp)
+                    try:
+                        probs = me.score(seq, n_ctx, temp)
+                    except (ValueError, RuntimeError) as exc:  # ModelError, TraceMismatch
+                        raise RequestError(str(exc)) from exc
                 conn.send(MsgType.SCORE_REPLY, wire.encode_score_reply(probs))
             elif kind == MsgType.END:
                 key = f"{cid}/{wire.decode_end(body)}"
@@ -192,6 +211,28 @@ class WorkerService:
                 return
             else:
                 raise WireError(f"unexpected {kind.name} from a server")
+
+
+def _live_backend(args: argparse.Namespace) -> Backend:
+    """The model itself (imports torch and transformers)."""
+    import torch
+
+    from specfed.engine import LocalWorker
+    from specfed.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return LocalWorker(args.model, load_model(args.model, dtype=args.dtype))
+
+
+def _replay_backend(args: argparse.Namespace) -> Backend:
+    """The model's recorded replies (no torch: a light process)."""
+    from specfed.replay import ReplayWorker, compute_times
+    from specfed.trace import TraceSet
+
+    return ReplayWorker(
+        args.model, TraceSet.open(args.replay), args.model, compute_times(args.compute, args.speed)
+    )
 
 
 class RequestError(ValueError):
@@ -277,6 +318,27 @@ def main(argv: list[str] | None = None) -> int:
         help="fault injection: die abruptly on the (N+1)-th VERIFY, as a crashed "
         "worker would (for worker-loss experiments)",
     )
+    ap.add_argument(
+        "--replay",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="TRACE",
+        help="replay mode: serve --model's recorded replies from these traces (repeatable; "
+        "python -m specfed.record makes them) instead of computing; no model is loaded",
+    )
+    ap.add_argument(
+        "--compute",
+        default="recorded",
+        help="replay: the emulated compute time per VERIFY: 'recorded' (measured when the "
+        "trace was recorded) or a device profile (a shipped name or a file: specfed.profile)",
+    )
+    ap.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="replay: divide every emulated compute time by this (10 = ten times faster)",
+    )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -295,16 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')}: must be in (0, 604800] s, got {value}")
     if args.max_connections < 1:
         ap.error(f"--max-connections: must be >= 1, got {args.max_connections}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        lm = load_model(args.model, dtype=args.dtype)
-    except (ModelError, OSError, ValueError) as exc:
+        backend = _replay_backend(args) if args.replay else _live_backend(args)
+    except (ValueError, RuntimeError, OSError) as exc:  # ModelError, TraceError
         print(f"specfed.worker: cannot load model: {exc}", file=sys.stderr)
         return 2
     service = WorkerService(
-        LocalWorker(args.model, lm),
+        backend,
         args.max_frame,
         args.idle_timeout,
         args.exit_after,
@@ -321,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     bound_host, bound_port = server.server_address[:2]
+    mode = f"replay compute={args.compute} speed={args.speed:g}" if args.replay else "live"
     print(
         f"specfed.worker ready on {bound_host!s}:{bound_port} model={args.model} "
-        f"dtype={args.dtype} V={lm.vocab_size} fingerprint={lm.fingerprint} pid={os.getpid()} "
-        f"load_s={time.perf_counter() - t0:.1f}",
+        f"dtype={args.dtype} V={backend.vocab_size} fingerprint={backend.fingerprint} "
+        f"pid={os.getpid()} load_s={time.perf_counter() - t0:.1f} mode={mode}",
         flush=True,
     )
     server.serve_forever()

@@ -95,6 +95,17 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
     return tags
 
 
+def _compute_tags(compute: dict[str, Any], roles: Sequence[str]) -> dict[str, Any]:
+    """Constant columns naming each role's compute: `draft_profile`, `draft_speed`,
+    `w1_profile`, ... ("live" everywhere for a live group)."""
+    out: dict[str, Any] = {}
+    for role in roles:
+        rc = compute.get(role)
+        out[f"{role}_profile"] = rc.profile if rc is not None else "live"
+        out[f"{role}_speed"] = rc.speed if rc is not None else 1.0
+    return out
+
+
 def _swept_tags(point: ScenarioPoint, swept: Sequence[str]) -> dict[str, Any]:
     """Constant columns for the swept paths that are not per-request options (those are
     columns already): `decoding.max_new_tokens`, `models.dtype`, `links.e1-s0.bw_mbit`..."""
@@ -235,6 +246,27 @@ def run_group(
     }
     meta.data["groups"].append(info)
     t0 = time.monotonic()
+    replay = spec.compute.mode == "replay"
+    traces: list[Path] = []
+    compute: dict[str, Any] = {}
+    if replay:  # record what is missing first, outside the network (cached across runs)
+        from testbed.compute import ComputeError, ensure_traces, roles
+
+        try:
+            compute = roles(sc)
+            traces = ensure_traces(group, run_dir, run_dir / "logs" / f"record-g{gi}.log")
+        except (ComputeError, ValueError) as exc:
+            info.update(status="failed", error=str(exc))
+            meta.save()
+            raise RunError(str(exc)) from exc
+        info["compute"] = {
+            "mode": "replay",
+            "traces": [str(t) for t in traces],
+            "roles": {r: {"profile": c.profile, "speed": c.speed, "source": c.source,
+                          "document": c.document} for r, c in compute.items()},
+            "record_s": time.monotonic() - t0,
+        }  # fmt: skip
+        meta.save()
     emu = scenario_net(group[0], label=f"run-{run_id}-g{gi}")
     procs = Processes(emu.state)
     try:
@@ -248,22 +280,14 @@ def run_group(
         workers = list(sc.workers)
         if spec.network.calibrate:
             tol = tolerance(spec.network)
-            cal = [
-                calibrate_pair(emu, w, "srv", tolerance=tol, pings=20, duration_s=1.0)
-                for w in workers
-            ]
+            cal = [calibrate_pair(emu, w, "srv", tolerance=tol, pings=20) for w in workers]
             info["calibration"] = [c.as_dict() for c in cal]
             meta.save()
             bad = [c for c in cal if not c.passed]
             if bad and not force:
                 raise RunError(
-                    "link calibration out of tolerance (use --force to run anyway): "
-                    + "; ".join(
-                        f"{c.a}-{c.b}: RTT {c.rtt.mean_ms:.2f} ms for "
-                        f"{c.configured_rtt_ms:.2f} configured, goodput "
-                        + ", ".join(f"{g.ratio:.2f}" for g in c.goodput if g.ratio is not None)
-                        for c in bad
-                    )
+                    "link calibration out of tolerance after retries (use --force to run "
+                    "anyway): " + "; ".join(f"{c.a}-{c.b}: {p}" for c in bad for p in c.problems)
                 )
         m = spec.models
         addrs = []
@@ -279,20 +303,30 @@ def run_group(
                 "--dtype", m.dtype,
                 "--idle-timeout", repr(spec.timeouts.point_s),
             ]  # fmt: skip
+            if replay:
+                from testbed.compute import replay_args
+
+                argv += replay_args(traces, compute[w])
             started.append((procs.start(host, argv, log, f"worker {w}"), log, w))
             addrs.append(f"{host.IP()}:{WORKER_PORT}")
         for proc, log, w in started:
             _wait_ready(proc, log, spec.timeouts.worker_ready_s, f"worker {w}")
         points_file = run_dir / f"points-g{gi}.json"
         write_points(points_file, [p.request for p in group])
-        tags = {**_link_tags(emu, workers), **_swept_tags(group[0], swept)}
+        tags = {
+            **_link_tags(emu, workers),
+            **_swept_tags(group[0], swept),
+            **_compute_tags(compute, ["draft", *workers]),
+        }
         server_log = run_dir / "logs" / f"server-g{gi}.log"
-        server = procs.start(
-            emu.net["srv"],
-            _server_argv(group[0], points_file, run_dir, run_id, gi, ",".join(addrs), tags),
-            server_log,
-            "server",
+        server_argv = _server_argv(
+            group[0], points_file, run_dir, run_id, gi, ",".join(addrs), tags
         )
+        if replay:
+            from testbed.compute import replay_args
+
+            server_argv += replay_args(traces, compute["draft"])
+        server = procs.start(emu.net["srv"], server_argv, server_log, "server")
         deadline = time.monotonic() + spec.timeouts.point_s * len(group)
         requests_csv = run_dir / "requests.csv"
         base = _count_rows(requests_csv)
@@ -328,18 +362,11 @@ def run_scenario(
     progress: bool = True,
 ) -> tuple[Path, bool]:
     """Run every point x repetition; return (run folder, all groups succeeded)."""
-    from tqdm import tqdm
-
-    if os.geteuid() != 0:
-        raise RunError(
-            "`testbed run` needs root (Mininet creates namespaces and links); "
-            "run it with sudo or as root"
-        )
-    points = expand(scenario, repetitions)
+    _need_root()
+    reps = repetitions if repetitions is not None else scenario.spec.repetitions
+    points = expand(scenario, reps)
     run_dir = new_run_dir(scenario, out_root)
-    run_id = run_dir.name
     (run_dir / "scenario.yaml").write_text(yaml.safe_dump(scenario.data, sort_keys=False))
-
     with (run_dir / "points.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["point", "rep", "values"])
@@ -350,19 +377,119 @@ def run_scenario(
         {
             "scenario": scenario.name,
             "source": str(scenario.path),
-            "run_id": run_id,
+            "run_id": run_dir.name,
             "started_utc": datetime.now(UTC).isoformat(),
             "git": git_state(),
             "kernel": platform.release(),
             "host": platform.node(),
             "versions": versions(),
             "command": sys.argv,
+            "repetitions": reps,
             "groups": [],
         },
     )
     meta.save()
+    return _execute(scenario, points, points, run_dir, meta, force, progress)
+
+
+def finished_points(run_dir: Path, n_prompts: int) -> set[tuple[int, int]]:
+    """(point, rep) pairs whose every prompt has an "ok" row in the run's requests table."""
+    path = run_dir / "requests.csv"
+    if not path.exists() or not path.stat().st_size:
+        return set()
+    counts: dict[tuple[int, int], int] = {}
+    with path.open(encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("status") == "ok":
+                key = (int(row["point"]), int(row["rep"]))
+                counts[key] = counts.get(key, 0) + 1
+    return {k for k, n in counts.items() if n >= n_prompts}
+
+
+def resume_run(run_dir: Path, force: bool = False, progress: bool = True) -> tuple[Path, bool]:
+    """Continue an interrupted run in its own folder: the points (and repetitions) whose
+    requests did not all finish run again, the others are kept; rows are appended to the
+    same tables under the same run id, and meta.json records the resumption."""
+    from testbed.scenario import load_scenario
+
+    _need_root()
+    meta_path = run_dir / "meta.json"
+    if not meta_path.is_file() or not (run_dir / "scenario.yaml").is_file():
+        raise RunError(f"{run_dir} is not a run folder (no meta.json / scenario.yaml)")
+    meta = Meta(meta_path, json.loads(meta_path.read_text()))
+    scenario = load_scenario(run_dir / "scenario.yaml")
+    reps = int(meta.data.get("repetitions", scenario.spec.repetitions))
+    points = expand(scenario, reps)
+    done = finished_points(run_dir, _prompt_count(scenario))
+    todo = [p for p in points if (p.index, p.rep) not in done]
+    meta.data.setdefault("resumed", []).append(
+        {
+            "utc": datetime.now(UTC).isoformat(),
+            "git": git_state(),
+            "command": sys.argv,
+            "points_done_before": len(points) - len(todo),
+        }
+    )
+    meta.data.pop("stopped", None)
+    meta.save()
+    return _execute(scenario, points, todo, run_dir, meta, force, progress)
+
+
+def run_status(meta_path: Path) -> dict[str, Any]:
+    """One line of `testbed list`: scenario, run, commit, status and requests done."""
+    run_dir = meta_path.parent
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {"scenario": run_dir.parent.name, "run": run_dir.name, "commit": "?",
+                "status": "unreadable meta.json", "requests ok": "?", "started": "?"}  # fmt: skip
+    git = meta.get("git", {})
+    if "finished_utc" not in meta:
+        status = "running or killed"
+    elif meta.get("stopped"):
+        status = meta["stopped"]
+    else:
+        status = "ok" if meta.get("ok") else "failed"
+    ok_rows = 0
+    req = run_dir / "requests.csv"
+    if req.exists():
+        with req.open(encoding="utf-8", newline="") as fh:
+            ok_rows = sum(1 for row in csv.DictReader(fh) if row.get("status") == "ok")
+    return {
+        "scenario": meta.get("scenario", run_dir.parent.name),
+        "run": run_dir.name,
+        "commit": f"{git.get('short', '?')}{'+dirty' if git.get('dirty') else ''}",
+        "status": status,
+        "requests ok": ok_rows,
+        "started": str(meta.get("started_utc", "?"))[:19],
+    }
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise RunError(
+            "`testbed run` needs root (Mininet creates namespaces and links); "
+            "run it with sudo or as root"
+        )
+
+
+def _execute(
+    scenario: Scenario,
+    points: list[ScenarioPoint],
+    todo: list[ScenarioPoint],
+    run_dir: Path,
+    meta: Meta,
+    force: bool,
+    progress: bool,
+) -> tuple[Path, bool]:
+    """Run the groups of `todo` (all of a run's `points` fix the columns), with a progress
+    bar, signal handling and the final meta.json."""
+    from tqdm import tqdm
+
+    run_id = run_dir.name
+    points, all_points = todo, points
     groups = group_points(points)
-    swept = list(dict.fromkeys(path for p in points for path in p.values))
+    swept = list(dict.fromkeys(path for p in all_points for path in p.values))
     n_prompts = _prompt_count(scenario)
     total = len(points) * n_prompts
     ok = True

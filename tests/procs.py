@@ -12,7 +12,7 @@ from pathlib import Path
 class WorkerProc:
     """A `python -m specfed.worker` subprocess on 127.0.0.1 with an OS-chosen port."""
 
-    def __init__(self, model_dir: Path, log: Path, *extra: str) -> None:
+    def __init__(self, model_dir: Path | str, log: Path, *extra: str) -> None:
         self.log = log
         self.fh = log.open("w")
         self.proc = subprocess.Popen(

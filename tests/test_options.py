@@ -68,7 +68,7 @@ def test_error_codes_match_the_docs():
 
 def test_parse_names_the_choices():
     assert Mode.parse("topk") is Mode.TOPK
-    with pytest.raises(ValueError, match="--transmission: unknown value 'zip'; use one of full"):
+    with pytest.raises(ValueError, match="unknown --transmission 'zip'; use one of full"):
         Mode.parse("zip", "--transmission")
     assert LossPolicy("continue") is LossPolicy.CONTINUE
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,79 @@ def test_duplicate_keys_refused(tmp_path):
         ScenarioError, match=r"dup\.yaml: line \d+, column 1: .*duplicate key 'seed'"
     ):
         load_scenario(p)
+
+
+def test_field_reference_and_json_schema_are_current():
+    """docs/scenario-reference.md and docs/scenario.schema.json are generated from the schema."""
+    from testbed.scenario import reference
+
+    assert reference.main(["--check"]) == 0, "run: python -m testbed.scenario.reference"
+    md = reference.reference_markdown()
+    for field in ("bw_mbit", "delay_ms", "max_new_tokens", "tcp_congestion", "point_s"):
+        assert f"`{field}`" in md
+
+
+def test_json_schema_validates_the_shipped_scenarios_shape():
+    import json
+
+    from testbed.scenario import reference
+
+    schema = json.loads(reference.json_schema())
+    assert schema["required"] == ["name", "models"]
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("models.workers.w1", "qwen2.5-coder-3b", r"models\.workers\.w1: .*qwen2\.5-coder"),
+        ("models.draft", "someorg/some-model", r"models\.draft: .*hub id"),
+        ("models.workers.w2", "/no/such/folder", r"models\.workers\.w2: no such file"),
+        ("models.workers.w2", "tiny-v65-s3", r"models\.workers\.w2: its vocabulary \(V=65"),
+    ],
+)
+def test_models_are_checked_at_validation(tmp_path, path, value, match):
+    r = check_file(write(tmp_path, with_(path, value)))
+    assert not r.ok and re.search(match, r.message), r.message
+
+
+def test_peek_vocabulary_matches_the_loaded_model():
+    from specfed.models import load_model, peek_vocabulary
+
+    lm = load_model("tiny-v64-s5")
+    assert peek_vocabulary("tiny-v64-s5") == (lm.vocab_size, lm.fingerprint)
+
+
+def test_cli_validate_plan_version_and_exit_codes(tmp_path, capsys):
+    from testbed import cli
+
+    ok = write(tmp_path, with_("sweep", {"k": [4, 8], "transmission": ["topk"]}), "ok.yaml")
+    assert cli.main(["validate", str(ok)]) == 0
+    bad = write(tmp_path, with_("decoding.gamma", -1), "bad.yaml")
+    assert cli.main(["validate", str(bad)]) == 2
+    capsys.readouterr()
+    assert cli.main(["plan", str(ok), "--repetitions", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 network group(s), 4 point runs, 4 requests" in out
+    assert cli.main(["plan", str(bad)]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and "specfed-testbed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--help"])
+    assert "(default: results)" in capsys.readouterr().out
+
+
+def test_cli_list_shows_runs(tmp_path, capsys):
+    from testbed import cli
+
+    run = tmp_path / "results" / "demo" / "20260101T000000Z-abc"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(
+        '{"scenario": "demo", "git": {"short": "abcdef12", "dirty": true}, "ok": true, '
+        '"finished_utc": "x", "started_utc": "2026-01-01T00:00:00"}'
+    )
+    (run / "requests.csv").write_text("request_id,status\na,ok\nb,error\nc,ok\n")
+    assert cli.main(["list", "--out", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "abcdef12+dirty" in out and " ok " in out and " 2 " in out

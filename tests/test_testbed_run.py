@@ -75,11 +75,34 @@ def device_names() -> set[str]:
     return set(os.listdir("/sys/class/net"))
 
 
-def test_smoke_scenario_end_to_end(env, tmp_path):
-    out = tmp_path / "results"
-    res = run_cli("run", str(SMOKE), "--out", str(out), "--quiet", env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = run_dir_of(out)
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """The smoke scenario run live, then replayed (recorded once into a private trace
+    cache, then served over the same emulated network with the recorded compute times)."""
+    base = tmp_path_factory.mktemp("smoke")
+    env = {
+        **os.environ,
+        "SPECFED_STATE_DIR": str(base / "state"),
+        "SPECFED_CACHE": str(base / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    runs = {}
+    for mode, extra in (
+        ("live", []),
+        ("replay", ["--set", "compute.mode=replay", "--set", "compute.profiles=recorded"]),
+    ):
+        out = base / mode
+        res = run_cli("run", str(SMOKE), "--out", str(out), "--quiet", *extra, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[mode] = run_dir_of(out)
+    runs["state"] = base / "state"
+    runs["cache"] = base / "cache"
+    return runs
+
+
+def test_smoke_scenario_end_to_end(smoke_runs):
+    run = smoke_runs["live"]
+    tmp_path = run.parents[2]
     rounds, requests = pd.read_csv(run / "rounds.csv"), pd.read_csv(run / "requests.csv")
     assert list(rounds.columns[: len(ROUND_COLUMNS)]) == list(ROUND_COLUMNS)
     assert list(requests.columns[: len(REQUEST_COLUMNS)]) == list(REQUEST_COLUMNS)
@@ -105,6 +128,40 @@ def test_smoke_scenario_end_to_end(env, tmp_path):
     # recorded process, device and namespace is gone (checked by the teardown)
     assert not list((tmp_path / "state").glob("*.jsonl"))
     assert all(g["teardown"]["left"] == [] for g in meta["groups"])
+
+
+def test_smoke_replay_equals_the_live_run(smoke_runs):
+    """Replay emits exactly the recorded tokens for every point of the smoke scenario, and
+    the bytes on the wire equal the live run's, round by round."""
+    live, replay = smoke_runs["live"], smoke_runs["replay"]
+    lq, rq = pd.read_csv(live / "requests.csv"), pd.read_csv(replay / "requests.csv")
+    assert set(rq.status) == {"ok"} and set(rq.compute_mode) == {"replay"}
+    key = ["point", "prompt_id"]
+    merged = lq.merge(rq, on=key, suffixes=("_live", "_replay"))
+    assert len(merged) == len(lq) == len(rq) > 0
+    assert (merged.tokens_live == merged.tokens_replay).all()
+    lr, rr = pd.read_csv(live / "rounds.csv"), pd.read_csv(replay / "rounds.csv")
+    cols = ["point", "prompt_id", "round", "worker"]
+    m = lr.merge(rr, on=cols, suffixes=("_live", "_replay"))
+    assert len(m) == len(lr) == len(rr)
+    assert (m.bytes_up_live == m.bytes_up_replay).all()
+    assert (m.bytes_down_live == m.bytes_down_replay).all()
+    # every token came from a trace, and the traces are in the cache for the next run
+    meta = json.loads((replay / "meta.json").read_text())
+    traces = [t for g in meta["groups"] for t in g["compute"]["traces"]]
+    assert traces and all(Path(t).exists() for t in traces)
+    assert all(str(smoke_runs["cache"]) in t for t in traces)
+    for col in ("draft_profile", "w1_profile", "w1_speed"):
+        assert set(rq[col]) <= {"recorded", 1.0}
+    # the emulated compute is honoured: each round lasts at least the emulated draft plus
+    # the critical worker's emulated compute and its serialization on the slow link
+    w1 = rr[rr.worker == "w1"]
+    floor = (
+        w1.t_draft_emulated_ms.fillna(0)
+        + w1.t_worker_ms
+        + (w1.bytes_up * 8 / (w1.w1_up_bw_mbit * 1e6) * 1e3)
+    )
+    assert (w1.t_round_ms >= floor).all()
 
 
 def test_sigkill_then_clean_leaves_nothing_and_next_run_works(env, tmp_path):
@@ -155,6 +212,57 @@ def test_sigkill_then_clean_leaves_nothing_and_next_run_works(env, tmp_path):
     res = run_cli("run", str(SMOKE), "--out", str(tmp_path / "again"), "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not list(state.glob("*.jsonl"))
+
+
+def test_sigterm_tears_down_keeps_rows_and_resumes(env, tmp_path):
+    """SIGTERM (what timeout, a CI cancel or kill send) during a request: the run tears down
+    every process, device and state file it made, keeps its rows, and exits non-zero."""
+    state = tmp_path / "state"
+    out = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed.cli", "run", str(SMOKE), "--out", str(out), "--quiet",
+         "--set", "decoding.max_new_tokens=400"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    rounds_csv = None
+    while time.monotonic() < deadline:
+        runs = list((out / "smoke").glob("*/rounds.csv")) if (out / "smoke").exists() else []
+        if runs and runs[0].stat().st_size > 2000:
+            rounds_csv = runs[0]
+            break
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.5)
+    assert rounds_csv is not None, "no round was recorded within 240 s"
+    rec = recorded(state)
+    assert rec["pids"] and rec["links"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    assert not [p for p in rec["pids"] if alive(*p)]
+    assert not set(rec["links"]) & device_names()
+    assert not list(state.glob("*.jsonl"))
+    assert rounds_csv.read_text().count("\n") > 1
+    meta = json.loads((rounds_csv.parent / "meta.json").read_text())
+    assert meta["ok"] is False and meta["stopped"] == "stopped by SIGTERM"
+
+    # --resume continues in the same folder: the unfinished points run again, the finished
+    # ones are kept once, and the run ends complete
+    run = rounds_csv.parent
+    before = pd.read_csv(run / "requests.csv")
+    done_before = before[before.status == "ok"][["point", "rep", "prompt_id"]]
+    res = run_cli("run", "--resume", str(run), "--quiet", env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = pd.read_csv(run / "requests.csv")
+    ok = after[after.status == "ok"]
+    assert not ok.duplicated(["point", "rep", "prompt_id"]).any()
+    assert len(ok) == 2  # smoke: 2 points x 1 prompt, all finished now
+    keys = ["point", "rep", "prompt_id"]
+    assert set(map(tuple, done_before.values)) <= set(map(tuple, ok[keys].values))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["ok"] is True and len(meta["resumed"]) == 1 and "stopped" not in meta
+    assert set(ok.run_id) == {run.name}
 
 
 def test_bad_scenario_refused_before_anything_starts(env, tmp_path):

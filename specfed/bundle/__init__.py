@@ -71,7 +71,13 @@ from specfed.bundle.registry import (
     hf_dir,
     known_names,
 )
-from specfed.bundle.resolve import ModelSource, SourceKind, ensure_model, resolve_model_path
+from specfed.bundle.resolve import (
+    ModelSource,
+    SourceKind,
+    classify_model_spec,
+    ensure_model,
+    resolve_model_path,
+)
 from specfed.bundle.state import State, model_state, verify_model
 
 __all__ = [
@@ -89,6 +95,7 @@ __all__ = [
     "State",
     "assemble_gguf",
     "cache_dir",
+    "classify_model_spec",
     "convert_gguf_file",
     "convert_to_hf",
     "data_files",

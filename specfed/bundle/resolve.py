@@ -27,7 +27,13 @@ from specfed.bundle.registry import (
 )
 from specfed.bundle.store import locked
 
-__all__ = ["ModelSource", "SourceKind", "ensure_model", "resolve_model_path"]
+__all__ = [
+    "ModelSource",
+    "SourceKind",
+    "classify_model_spec",
+    "ensure_model",
+    "resolve_model_path",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
@@ -90,22 +96,19 @@ class ModelSource:
         return str(self.path) if self.path is not None else str(self.hub_id)
 
 
-def resolve_model_path(spec: str) -> ModelSource:
-    """Turn what a user wrote into something `from_pretrained` can load.
+def classify_model_spec(spec: str) -> ModelSource:
+    """What `spec` names, without preparing, converting or downloading anything.
 
-    Accepted, in this order:
-      * a bundle name (see `known_names()`): prepared with `ensure_model`;
-      * a local folder holding config.json: used as is;
-      * a `.gguf` file: converted once into `<cache>/hf/gguf-<sha256[:16]>/`;
-      * anything shaped like a hub id (`org/name`): returned as is, kind "hub" (this
-        machine is offline; such ids are for users who are online).
-
-    Raises:
-        BundleError: a path that exists but is neither a folder with config.json nor a
-            .gguf file; a path that does not exist; a near-miss of a bundle name.
+    Like `resolve_model_path`, but a bundle model's path is its converted folder only when
+    that exists (else None), and a .gguf file's path is None (its conversion is not looked
+    up). For checks such as `testbed validate`. Raises BundleError as resolve_model_path.
     """
     if spec in REGISTRY:
-        return ModelSource(spec, "bundle", path=ensure_model(spec))
+        entry = get_entry(spec)
+        folder = hf_dir(entry.name)
+        return ModelSource(
+            spec, "bundle", path=folder if is_converted(folder, entry.sha256) else None
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -117,7 +120,7 @@ def resolve_model_path(spec: str) -> ModelSource:
         )
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-            return ModelSource(spec, "gguf", path=ensure_gguf_file(path))
+            return ModelSource(spec, "gguf")
         raise BundleError(
             f"{spec!r} is a file but not a GGUF checkpoint (no .gguf suffix, no GGUF header); "
             "give a .gguf file, a folder with config.json, a bundle name or a hub id."
@@ -139,6 +142,29 @@ def resolve_model_path(spec: str) -> ModelSource:
             "or a hub id of the form org/name"
         )
     return ModelSource(spec, "hub", hub_id=spec)
+
+
+def resolve_model_path(spec: str) -> ModelSource:
+    """Turn what a user wrote into something `from_pretrained` can load.
+
+    Accepted, in this order:
+      * a bundle name (see `known_names()`): prepared with `ensure_model`;
+      * a local folder holding config.json: used as is;
+      * a `.gguf` file: converted once into `<cache>/hf/gguf-<sha256[:16]>/`;
+      * anything shaped like a hub id (`org/name`): returned as is, kind "hub" (this
+        machine is offline; such ids are for users who are online).
+
+    Raises:
+        BundleError: a path that exists but is neither a folder with config.json nor a
+            .gguf file; a path that does not exist; a near-miss of a bundle name; a name
+            that is none of these.
+    """
+    source = classify_model_spec(spec)
+    if source.kind == "bundle":
+        return ModelSource(spec, "bundle", path=ensure_model(spec))
+    if source.kind == "gguf":
+        return ModelSource(spec, "gguf", path=ensure_gguf_file(Path(spec).expanduser()))
+    return source
 
 
 def _has_gguf_magic(path: Path) -> bool:

@@ -77,6 +77,41 @@ def _check_point(point: ScenarioPoint) -> list[tuple[str, str]]:
         load_prompts(s.spec.decoding.prompts)
     except PromptError as exc:
         problems.append(("decoding.prompts", str(exc)))
+    if s.spec.compute.mode == "replay":
+        from testbed.compute import roles
+
+        try:
+            roles(s)
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
+
+
+def _check_models(sc: Scenario) -> list[tuple[str, str]]:
+    """Every model names something loadable offline, and (where the tokenizers are present)
+    the draft and every worker share one vocabulary."""
+    from specfed.models import ModelError, peek_vocabulary
+
+    m = sc.spec.models
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, tuple[int, str] | None] = {}
+    for path, spec in [("models.draft", m.draft)] + [
+        (f"models.workers.{w}", model) for w, model in m.workers.items()
+    ]:
+        try:
+            seen[path] = peek_vocabulary(spec) if spec not in seen else seen[spec]
+        except ModelError as exc:
+            problems.append((path, str(exc)))
+            continue
+        seen[spec] = seen[path]
+    reference = seen.get("models.draft")
+    for path, vocab in seen.items():
+        if path.startswith("models.workers.") and reference and vocab and vocab != reference:
+            problems.append(
+                (path, f"its vocabulary (V={vocab[0]}, fingerprint {vocab[1]}) differs from the "
+                 f"draft's (V={reference[0]}, fingerprint {reference[1]}): draft and workers "
+                 "must come from one tokenizer family")
+            )  # fmt: skip
     return problems
 
 
@@ -87,7 +122,9 @@ def check_scenario(sc: Scenario) -> tuple[int, int]:
     problems: list[tuple[str, str]] = []
     for key in dict.fromkeys(pt.infra_key for pt in points):
         first = next(pt for pt in points if pt.infra_key == key)
-        problems += [x for x in _check_point(first) if x not in problems]
+        problems += [
+            x for x in _check_point(first) + _check_models(first.scenario) if x not in problems
+        ]
     if problems:
         raise ConfigError(str(sc.path), problems)
     return len(points), len({pt.infra_key for pt in points})

@@ -9,6 +9,7 @@ are ONE-WAY per direction.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SkipValidation, ValidationInfo, field_validator, model_validator
@@ -20,6 +21,7 @@ from specfed.points import MAX_GAMMA
 __all__ = [
     "SAFE_NAME",
     "TCP_CONGESTION",
+    "Compute",
     "Decoding",
     "Direction",
     "Link",
@@ -166,11 +168,18 @@ class Network(StrictModel):
     calibrate: bool = True
     """measure every worker path's RTT and goodput before trusting it"""
     rtt_tolerance_ms: Annotated[float, Field(ge=0, le=1e4)] = 0.5
-    """calibration: allowed RTT error, ms (plus rtt_tolerance_pct of the RTT)"""
+    """calibration: allowed error of the median RTT, ms (or rtt_tolerance_pct, the larger)"""
     rtt_tolerance_pct: Annotated[float, Field(ge=0, le=100)] = 3.0
-    """calibration: allowed RTT error, percent of the configured RTT"""
+    """calibration: allowed error of the median RTT, percent of the configured RTT"""
+    rate_tolerance_pct: Annotated[float, Field(gt=0, le=100)] = 3.0
+    """calibration: allowed error of each direction's measured rate (a paced UDP train),
+    percent of the configured rate, both ways"""
+    loss_sigmas: Annotated[float, Field(gt=0, le=20)] = 4.0
+    """calibration: a direction's measured loss must lie within this many binomial
+    standard deviations of the configured loss"""
     goodput_min_ratio: Annotated[float, Field(ge=0, le=1)] = 0.90
-    """calibration: least TCP goodput / configured rate accepted"""
+    """calibration with TCP goodput (testbed calibrate --goodput): least goodput / rate on
+    lossless paths"""
 
 
 class Timeouts(StrictModel):
@@ -186,6 +195,49 @@ class Timeouts(StrictModel):
     """one worker's whole round (request sent -> reply read)"""
     point_s: Seconds = 3600.0
     """one point (all its requests); a group of points gets this times its size"""
+
+
+ROLE_KEY = r"^(default|draft|[A-Za-z0-9][A-Za-z0-9_-]*)$"
+
+
+class Compute(StrictModel):
+    """Where compute time comes from. live: the models run in the worker and server
+    processes on this host's CPU (its contention included). replay: each point is recorded
+    once in process (a trace, cached and reused), then replayed over the emulated network
+    with the same bytes, each process waiting an emulated compute time instead of computing."""
+
+    mode: Literal["live", "replay"] = "live"
+    """live: compute for real; replay: record once, replay with emulated compute"""
+    profiles: Literal["auto", "recorded"] | dict[str, str] = "auto"
+    """replay: the emulated compute per role. auto: the shipped device profile of each
+    role's model, dtype and threads; recorded: the times measured when the trace was
+    recorded (this host, one process); or {default: P, draft: P, w1: P, ...} with P a
+    shipped profile name, a profile file, auto or recorded"""
+    speed: (
+        Annotated[float, Field(gt=0, le=1e6)] | dict[str, Annotated[float, Field(gt=0, le=1e6)]]
+    ) = 1.0
+    """replay: divide each role's emulated compute by this (10 = a device ten times
+    faster); a number, or {default: x, draft: y, w1: z}"""
+
+    @field_validator("profiles", "speed")
+    @classmethod
+    def _role_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            bad = [k for k in v if not re.fullmatch(ROLE_KEY, str(k))]
+            if bad:
+                raise ValueError(f"unknown role(s) {bad}: use default, draft or a worker host")
+        return v
+
+    def role_profile(self, role: str) -> str:
+        """The profile spec of a role (draft or a worker host): auto, recorded, name or file."""
+        if isinstance(self.profiles, str):
+            return self.profiles
+        return self.profiles.get(role, self.profiles.get("default", "auto"))
+
+    def role_speed(self, role: str) -> float:
+        if isinstance(self.speed, dict):
+            return float(self.speed.get(role, self.speed.get("default", 1.0)))
+        return float(self.speed)
 
 
 Sweep = dict[str, list[Any]]
@@ -221,6 +273,8 @@ class ScenarioSpec(StrictModel):
     """link emulation and calibration"""
     timeouts: Timeouts = Timeouts()
     """timeouts"""
+    compute: Compute = Compute()
+    """live compute, or record once and replay with emulated compute time"""
     on_worker_loss: LossPolicy = LossPolicy.FAIL
     """fail: end the request; continue: drop the worker, renormalize the weights"""
 
