@@ -107,6 +107,7 @@ def test_target_and_pareto_on_hand_made_rows() -> None:
     assert r["reached"] and r["smallest"]["label"] == "a"
     assert r["smallest"]["bytes_fraction_of_reference"] == pytest.approx(150 / 320)
     assert r["smallest"]["per_temperature"]["1.0"]["holds"] is False
+    assert not r["reached_at_every_T"] and r["smallest_at_every_T"] is None
     assert [x["label"] for x in r["pareto"]] == ["b", "a", "c"]
     assert [x["label"] for x in pareto([x for x in rows if x["T"] == "all"], "l1_renormalize")] == [
         "b",
