@@ -450,8 +450,9 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
                 "worker_fidelity": [w.t_fidelity_ms for w in crit],
                 "decode_and_check": [w.t_decode_ms for w in crit],
                 "aggregate_and_accept": agg,
+                # <= 0: the last reply's compute minus the longest compute of the round
                 "compute_skew": [
-                    max(w.t_worker_ms for w in r.workers) - c.t_worker_ms
+                    c.t_worker_ms - max(w.t_worker_ms for w in r.workers)
                     for r, c in zip(rounds, crit, strict=True)
                 ],
             }
