@@ -1,71 +1,78 @@
-"""Load run folders (`testbed run` output) into pandas, one row per request / round.
+"""Read run folders (`testbed run` output) as they are: one `Run` per folder, nothing derived.
 
-A run folder is results/<scenario>/<utc>-<sha>/ with (ARCHITECTURE.md, "Records"):
+A run folder is results/<scenario>/<utc>-<sha>/ with:
 
-    requests.csv   one row per request (specfed.records.REQUEST_COLUMNS + link tag columns)
-    rounds.csv     one row per (request, round, worker) (ROUND_COLUMNS + the same tags)
-    meta.json      git state, versions, link backend, per-group link calibration
-    points.csv     point, rep, values (JSON of the swept dotted paths)   [optional]
-    scenario.yaml  the resolved scenario                                  [optional]
-    server.json    the server's command line, V of the draft              [optional]
+    requests.csv      one row per request: specfed.records.REQUEST_COLUMNS, then constant
+                      columns: link_backend, every link's parameters
+                      ({host}_{up|down}_{bw_mbit|delay_ms|jitter_ms|loss_pct|queue_pkts} for an
+                      access link, up = host -> switch; {a}-{b}_{up|down}_... for any other
+                      link) and every swept scenario path that is not a per-request option,
+                      by its dotted name (`links.e1-s0.bw_mbit`, `decoding.max_new_tokens`)
+    rounds.csv        one row per (request, round, worker): specfed.records.ROUND_COLUMNS
+                      (the worker's own transmission columns) and the same constant columns
+    meta.json         git {sha, short, dirty}, versions, kernel, link backend, and per network
+                      group: its points, repetition, links (the topology's edges) and link
+                      calibration
+    points.csv        point, rep, values (JSON of the swept dotted paths)       [optional]
+    scenario.yaml     the resolved scenario                                     [optional]
+    server-g<N>.json  each server group's command line and model information    [optional]
 
-Several folders are concatenated; every row gets a `run` column (the folder's name). Derived
-columns added here (nothing else is ever written back):
-
-    config, config_order     the registry name of the transmission configuration
-                             (analysis.styles), one per (transmission, k, reconstruction,
-                             gamma[, epsilon]); suffixed with gamma / T when those vary
-    family                   the configuration without K (series of K-axis plots)
-    value_dtype, epsilon     per point, from points.csv over scenario.yaml defaults
-    vocab_size               V of the run (server.json, else the model name, else full rows)
-    ok                       requests: status == "ok"; rounds: their request is ok
-    <host>_bw, <host>_delay  per host: min(up, down) Mbit/s (unlimited = inf) and the mean
-                             of the up/down one-way delays, ms
-
-Notation as in the paper: gamma drafted tokens per round, K kept entries, V vocabulary.
+Every point parameter is read from the tables' columns; points.csv and scenario.yaml only
+describe the run (what was swept, run-level constants such as the models).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from dataclasses import dataclass, field, replace
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.styles import Style, config_style, family_style
+from specfed.records import POINT_COLUMNS
+
+__all__ = [
+    "LINK_COLUMN",
+    "REQUIRED_FILES",
+    "NotARunFolder",
+    "Run",
+    "check_run_folder",
+    "flatten",
+    "git_label",
+    "link_name",
+    "read_run",
+    "worker_path",
+]
 
 REQUIRED_FILES = ("requests.csv", "rounds.csv", "meta.json")
-KEY_COLUMNS = ["transmission", "k", "reconstruction", "gamma", "temperature"]
-_STR_COLUMNS = {
-    c: "str"
-    for c in (
-        "run_id",
-        "request_id",
-        "prompt_id",
-        "transmission",
-        "reconstruction",
-        "status",
-        "events",
-        "tokens",
-        "worker",
-        "link_backend",
-    )
-}
-_TAG = re.compile(r"^(?P<host>[A-Za-z0-9]+)_(?P<dir>up|down)_(?P<what>bw_mbit|delay_ms|loss_pct)$")
-_TINY = re.compile(r"tiny-v(?P<v>\d+)-s\d+")
-VALUE_BYTES = {"fp32": 4, "fp16": 2}
-#: Line styles of the gamma / T variants of one configuration (in sorted (gamma, T) order).
-VARIANT_LINESTYLES = ("-", "--", "-.", ":")
+#: Columns a requests.csv must hold to be analysed (logp_mean, events and tokens are optional).
+REQUIRED_REQUEST_COLUMNS = (
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS, "seed",
+    "status", "new_tokens", "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance",
+    "tokens_per_round", "bytes_up_total", "bytes_per_token",
+)  # fmt: skip
+REQUIRED_ROUND_COLUMNS = (
+    "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", *POINT_COLUMNS,
+    "n_drafted", "n_accepted", "n_emitted", "bytes_up", "bytes_down", "t_draft_ms",
+    "t_worker_ms", "t_net_ms", "t_call_ms", "t_aggregate_ms", "t_round_ms", "eps_mean", "k_mean",
+)  # fmt: skip
+#: A link-parameter column: `{link}_{up|down}_{param}`.
+LINK_COLUMN = (
+    r"^(?P<link>.+)_(?P<dir>up|down)_(?P<param>bw_mbit|delay_ms|jitter_ms|loss_pct|queue_pkts)$"
+)
+_STRINGS = (
+    "run_id", "request_id", "prompt_id", "transmission", "reconstruction", "value_dtype",
+    "status", "events", "tokens", "worker", "link_backend",
+)  # fmt: skip
 
 
 class NotARunFolder(ValueError):
-    """A path given as a run folder is not one; the message names it and what is missing."""
+    """A path given as a run folder is not one (or not one this analysis can read); the
+    message names it and what is wrong."""
 
 
 @dataclass
@@ -76,38 +83,31 @@ class Run:
     label: str
     meta: dict[str, Any]
     scenario: dict[str, Any]
-    server: dict[str, Any]
+    servers: list[dict[str, Any]]
     points: pd.DataFrame
     requests: pd.DataFrame
     rounds: pd.DataFrame
 
-
-@dataclass
-class Data:
-    """Several runs concatenated, with the derived columns of the module docstring."""
-
-    runs: list[Run]
-    requests: pd.DataFrame
-    rounds: pd.DataFrame
-    hosts: list[str] = field(default_factory=list)
-    workers: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: registry style of every configuration / family present (name -> Style)
-    styles: dict[str, Style] = field(default_factory=dict)
-    family_styles: dict[str, Style] = field(default_factory=dict)
+    @property
+    def git(self) -> str:
+        """The run's commit as `git_label` writes it."""
+        return git_label(self.meta)
 
     @property
-    def ok_requests(self) -> pd.DataFrame:
-        return self.requests[self.requests["ok"]]
+    def swept(self) -> list[str]:
+        """The dotted paths the run sweeps (points.csv), in order."""
+        keys: dict[str, None] = {}
+        for values in self.points.get("values", []):
+            if isinstance(values, str) and values:
+                keys.update(dict.fromkeys(json.loads(values)))
+        return list(keys)
 
-    @property
-    def ok_rounds(self) -> pd.DataFrame:
-        return self.rounds[self.rounds["ok"]]
 
-    def config_order(self) -> list[str]:
-        """Configuration names in registry order."""
-        df = self.requests[["config", "config_order"]].drop_duplicates("config")
-        return list(df.sort_values(["config_order", "config"])["config"])
+def git_label(meta: Mapping[str, Any]) -> str:
+    """A run's commit: the short sha, with `-dirty` if tracked files differed from it."""
+    git = meta.get("git") or {}
+    short = str(git.get("short") or str(git.get("sha", "unknown"))[:8])
+    return f"{short}-dirty" if git.get("dirty") else short
 
 
 def check_run_folder(path: Path) -> None:
@@ -135,12 +135,24 @@ def check_run_folder(path: Path) -> None:
             )
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
     if path.stat().st_size == 0:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=list(required))
     head = pd.read_csv(path, nrows=0).columns
-    dtypes = {c: t for c, t in _STR_COLUMNS.items() if c in head}
-    return pd.read_csv(path, dtype=dtypes)
+    missing = [c for c in required if c not in head]
+    if missing:
+        raise NotARunFolder(
+            f"{path} lacks the columns {', '.join(missing)}: it was written by an older "
+            "testbed (before complete records); rerun the scenario with this version"
+        )
+    df = pd.read_csv(path, dtype={c: "str" for c in _STRINGS if c in head})
+    if "warmup" in df:
+        df["warmup"] = df["warmup"].map(_bool).astype(bool)
+    return df
+
+
+def _bool(x: Any) -> bool:
+    return str(x).strip().lower() in ("true", "1", "yes")
 
 
 def read_run(path: Path, label: str | None = None) -> Run:
@@ -154,9 +166,9 @@ def read_run(path: Path, label: str | None = None) -> Run:
     scenario: dict[str, Any] = {}
     if (path / "scenario.yaml").is_file():
         scenario = yaml.safe_load((path / "scenario.yaml").read_text(encoding="utf-8")) or {}
-    server: dict[str, Any] = {}
-    if (path / "server.json").is_file():
-        server = json.loads((path / "server.json").read_text(encoding="utf-8"))
+    servers = [
+        json.loads(p.read_text(encoding="utf-8")) for p in sorted(path.glob("server-g*.json"))
+    ]
     points = pd.DataFrame(columns=["point", "rep", "values"])
     if (path / "points.csv").is_file() and (path / "points.csv").stat().st_size:
         points = pd.read_csv(path / "points.csv", dtype={"values": "str"})
@@ -165,210 +177,68 @@ def read_run(path: Path, label: str | None = None) -> Run:
         label=label or path.name,
         meta=meta,
         scenario=scenario,
-        server=server,
+        servers=servers,
         points=points,
-        requests=_read_csv(path / "requests.csv"),
-        rounds=_read_csv(path / "rounds.csv"),
+        requests=_read_csv(path / "requests.csv", REQUIRED_REQUEST_COLUMNS),
+        rounds=_read_csv(path / "rounds.csv", REQUIRED_ROUND_COLUMNS),
     )
 
 
-def vocab_size(run: Run) -> float:
-    """V of a run: server.json, else a tiny model's name, else a full-transmission round
-    (bytes_up = 12 + 20 + 12 + 4 P V for fp32); NaN if none of these is there."""
-    v = (run.server.get("draft") or {}).get("vocab_size")
-    if v:
-        return float(v)
-    draft = str((run.scenario.get("models") or {}).get("draft", ""))
-    if m := _TINY.fullmatch(draft):
-        return float(m["v"])
-    r = run.rounds
-    if not r.empty and "transmission" in r:
-        full = r[r["transmission"] == "full"]
-        if not full.empty:
-            p = full["n_drafted"].astype(float) + 1
-            v_est = (full["bytes_up"].astype(float) - 44) / (4 * p)
-            return float(np.round(v_est.median()))
-    return math.nan
-
-
-def _float(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _point_options(run: Run) -> pd.DataFrame:
-    """value_dtype and epsilon per point: the swept value, else the scenario's."""
-    tr = run.scenario.get("transmission") or {}
-    rows = []
-    for point, values in zip(run.points["point"], run.points["values"], strict=True):
-        v = json.loads(values) if isinstance(values, str) and values else {}
-        rows.append(
-            {
-                "point": int(point),
-                "value_dtype": v.get("transmission.value_dtype", tr.get("value_dtype", "fp32")),
-                "epsilon": _float(v.get("transmission.epsilon", tr.get("epsilon"))),
-            }
-        )
-    if not rows:
-        return pd.DataFrame({"point": pd.Series(dtype=int), "value_dtype": [], "epsilon": []})
-    return pd.DataFrame(rows).drop_duplicates("point")
-
-
-def swept_paths(runs: list[Run]) -> list[str]:
-    """The dotted paths any run sweeps (from points.csv)."""
-    keys: dict[str, None] = {}
-    for run in runs:
-        for values in run.points["values"]:
-            if isinstance(values, str) and values:
-                keys.update(dict.fromkeys(json.loads(values)))
-    return list(keys)
-
-
-def _add_config(
-    df: pd.DataFrame,
-    multi_gamma: bool,
-    multi_temp: bool,
-    styles: dict[str, Style],
-    family_styles: dict[str, Style],
-) -> pd.DataFrame:
-    keys = df[["transmission", "k", "reconstruction", "gamma", "temperature", "epsilon"]]
-    # several gamma / T values: the same colour and marker, one line style per variant
-    variants = sorted(
-        {
-            (int(g), float(t))
-            for g, t in zip(df["gamma"], df["temperature"], strict=True)
-            if int(g) > 0
-        }
-    )
-    names, orders, fams = [], [], []
-    for tr, k, rec, g, t, eps in keys.itertuples(index=False):
-        g = int(g)
-        eps = float(eps) if tr == "adaptive" else None
-        st = config_style(str(tr), float(k), str(rec), g, eps)
-        suffix, extra = "", 0.0
-        if multi_gamma and g > 0:
-            suffix += f" γ={g}"
-            extra += g * 1e-3
-        if multi_temp:
-            suffix += f" T={float(t):g}"
-            extra += float(t) * 1e-5
-        name, order = st.name + suffix, st.order + extra
-        names.append(name)
-        orders.append(order)
-        ls = st.linestyle
-        if suffix and g > 0:
-            ls = VARIANT_LINESTYLES[variants.index((g, float(t))) % len(VARIANT_LINESTYLES)]
-        styles.setdefault(name, replace(st, name=name, order=order, linestyle=ls))
-        fam = family_style(str(tr), str(rec), g)
-        fam = replace(fam, name=fam.name + suffix, order=fam.order + extra, linestyle=ls)
-        fams.append(fam.name)
-        family_styles.setdefault(fam.name, fam)
-    out = df.copy()
-    out["config"] = names
-    out["config_order"] = orders
-    out["family"] = fams
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
     return out
 
 
-def _add_links(df: pd.DataFrame, hosts: list[str]) -> pd.DataFrame:
-    out = df.copy()
-    for h in hosts:
-        bw = [
-            pd.to_numeric(out.get(f"{h}_{d}_bw_mbit", pd.Series(np.nan, index=out.index)))
-            .astype(float)
-            .fillna(np.inf)
-            for d in ("up", "down")
-        ]
-        dl = [
-            pd.to_numeric(out.get(f"{h}_{d}_delay_ms", pd.Series(np.nan, index=out.index)))
-            .astype(float)
-            .fillna(0.0)
-            for d in ("up", "down")
-        ]
-        out[f"{h}_bw"] = np.minimum(bw[0], bw[1])
-        out[f"{h}_delay"] = (dl[0] + dl[1]) / 2
-    return out
+# ----------------------------------------------------------------------------- topology
 
 
-def load(paths: list[Path]) -> Data:
-    """Read and concatenate run folders, adding the derived columns (module docstring)."""
-    labels: dict[str, int] = {}
-    runs = []
-    for p in paths:
-        run = read_run(Path(p))
-        n = labels.get(run.label, 0)
-        labels[run.label] = n + 1
-        if n:
-            run.label = f"{run.label}#{n + 1}"
-        runs.append(run)
-    notes: list[str] = []
-    req_parts: list[pd.DataFrame] = []
-    rnd_parts: list[pd.DataFrame] = []
-    for run in runs:
-        opts = _point_options(run)
-        v = vocab_size(run)
-        for df, parts, what in (
-            (run.requests, req_parts, "requests"),
-            (run.rounds, rnd_parts, "rounds"),
-        ):
-            if df.empty:
-                notes.append(f"{run.label}: {what}.csv holds no row")
-                continue
-            d = df.copy()
-            d.insert(0, "run", run.label)
-            d = d.merge(opts, on="point", how="left") if not opts.empty else d
-            if "value_dtype" not in d:
-                d["value_dtype"] = "fp32"
-                d["epsilon"] = math.nan
-            d["value_dtype"] = d["value_dtype"].fillna("fp32")
-            d["vocab_size"] = v
-            parts.append(d)
-    if not req_parts:
-        raise NotARunFolder(
-            "no request was recorded in "
-            + ", ".join(str(r.path) for r in runs)
-            + ": nothing to analyze"
-        )
-    requests = pd.concat(req_parts, ignore_index=True)
-    rounds = pd.concat(rnd_parts, ignore_index=True) if rnd_parts else pd.DataFrame()
-    for df in (requests, rounds):
-        if df.empty:
-            continue
-        df["k"] = pd.to_numeric(df["k"], errors="coerce").astype(float)
-        df["gamma"] = pd.to_numeric(df["gamma"]).astype(int)
-        df["temperature"] = pd.to_numeric(df["temperature"]).astype(float)
-        df["reconstruction"] = df["reconstruction"].fillna("none")
-    if "logp_mean" in requests:
-        requests["logp_mean"] = pd.to_numeric(requests["logp_mean"], errors="coerce")
-    requests["ok"] = requests["status"] == "ok"
-    hosts = sorted(
-        {m["host"] for c in requests.columns if (m := _TAG.match(c))},
-        key=lambda h: (h == "srv", h),
-    )
-    ok_gamma = requests.loc[requests["gamma"] > 0, "gamma"].unique()
-    multi_gamma = len(ok_gamma) > 1
-    multi_temp = requests["temperature"].nunique() > 1
-    styles: dict[str, Style] = {}
-    family_styles: dict[str, Style] = {}
-    requests = _add_config(requests, multi_gamma, multi_temp, styles, family_styles)
-    requests = _add_links(requests, hosts)
-    workers: list[str] = [h for h in hosts if h != "srv"]
-    if not rounds.empty:
-        # a round row's transmission may be a worker's own (per-worker K); the configuration
-        # is the request's
-        cfg = requests[["run", "request_id", "config", "config_order", "family", "ok"]]
-        rounds = rounds.merge(cfg, on=["run", "request_id"], how="left")
-        orphan = rounds["config"].isna()
-        if orphan.any():
-            n = rounds.loc[orphan, ["run", "request_id"]].drop_duplicates().shape[0]
-            notes.append(
-                f"{n} request(s) have rounds but no requests.csv row (interrupted): "
-                "their rounds are left out"
-            )
-            rounds = rounds[~orphan].copy()
-        rounds["ok"] = rounds["ok"].astype(bool)
-        rounds = _add_links(rounds, hosts)
-        workers = sorted(set(workers) | set(rounds["worker"].dropna().unique()))
-    return Data(runs, requests, rounds, hosts, workers, notes, styles, family_styles)
+def link_name(a: str, b: str, hosts: set[str]) -> tuple[str, str]:
+    """The column name of link (a, b) and the node its `up` direction leaves from.
+
+    As the testbed names them: a host's access link by the host (up = host -> switch), any
+    other link `a-b` (up = a -> b)."""
+    if a in hosts or b in hosts:
+        host = a if a in hosts else b
+        return host, host
+    return f"{a}-{b}", a
+
+
+def worker_path(
+    edges: Iterable[tuple[str, str]], worker: str, hosts: set[str], server: str = "srv"
+) -> list[tuple[str, bool]]:
+    """The links from `worker` to `server` as (column name, True if crossed in its `up`
+    direction), by breadth-first search over the topology's edges; [] if not connected."""
+    adj: dict[str, list[tuple[str, str, str]]] = {}
+    for a, b in edges:
+        name, up_from = link_name(a, b, hosts)
+        adj.setdefault(a, []).append((b, name, up_from))
+        adj.setdefault(b, []).append((a, name, up_from))
+    prev: dict[str, tuple[str, str, bool]] = {}
+    seen, todo = {worker}, deque([worker])
+    while todo:
+        node = todo.popleft()
+        if node == server:
+            break
+        for nxt, name, up_from in adj.get(node, []):
+            if nxt not in seen:
+                seen.add(nxt)
+                prev[nxt] = (node, name, node == up_from)
+                todo.append(nxt)
+    if server not in seen:
+        return []
+    hops: list[tuple[str, bool]] = []
+    node = server
+    while node != worker:
+        before, name, up = prev[node]
+        hops.append((name, up))
+        node = before
+    return hops[::-1]
