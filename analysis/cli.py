@@ -1,6 +1,7 @@
 """`analysis`: report on run folders, compare two runs, or draw a paper-figure study run.
 
     analysis report RESULTS_DIR [RESULTS_DIR ...] [--out DIR] [--keep-warmup] [--pool-commits]
+                    [--no-plots]
     analysis compare A B [--out DIR] [--keep-warmup]
     analysis paper RUN_DIR       -> analysis.paper.main([RUN_DIR]): Fig. 2, Fig. 3, report.md
     analysis --version
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
         "served) in the statistics",
     )  # fmt: skip
     rep.add_argument(
+        "--no-plots", action="store_true",
+        help="write report.md and the tables only, no PNG (faster)",
+    )  # fmt: skip
+    rep.add_argument(
         "--pool-commits", action="store_true",
         help="pool runs from different git commits (otherwise the commit is a setting and "
         "their results are kept apart)",
@@ -164,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rep = write_report(
                 args.runs, out, args_list,
                 keep_warmup=args.keep_warmup, pool_commits=args.pool_commits,
+                draw=not args.no_plots,
             )  # fmt: skip
         else:
             out = args.out or args.a / f"compare-{args.b.resolve().name}"

@@ -598,7 +598,7 @@ REQUEST_ONLY = (
 WORKER_OWN = ("transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction")
 ROUND_OWN = (
     "round", "worker", "n_drafted", "n_accepted", "n_emitted", "bytes_up", "bytes_down",
-    "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms", "t_call_ms", "t_verify_ms",
+    "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
     "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean",
 )  # fmt: skip
 

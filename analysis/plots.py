@@ -39,6 +39,8 @@ COMPONENT_COLORS = {
     "draft": "#8c564b",
     "compute": "#e7ba52",
     "network": "#7b68b5",
+    "decode": "#17becf",
+    "dispatch": "#bcbd22",
     "aggregation": "#d62728",
     "other": "#c7c7c7",
     "outside_rounds": "#5f5f5f",

@@ -98,8 +98,9 @@ class Report:
 
 
 class _Writer:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, draw: bool = True) -> None:
         self.out = out
+        self.draw = draw
         self.lines: list[str] = []
         self.plots: list[Path] = []
         self.tables: list[Path] = []
@@ -128,6 +129,9 @@ class _Writer:
         self(md_table(shown, formats), "", link, "")
 
     def plot(self, make: Callable[[Path], Path], name: str, alt: str) -> None:
+        if not self.draw:
+            self(f"*Plot `{name}.png` not drawn (--no-plots).*", "")
+            return
         path = make(self.out / f"{name}.png")
         self.plots.append(path)
         self(f"![{alt}]({name}.png)", "")
@@ -193,14 +197,16 @@ def write_report(
     *,
     keep_warmup: bool = False,
     pool_commits: bool = False,
+    draw: bool = True,
 ) -> Report:
-    """Load the run folders, compute every table, draw the plots, write out/report.md."""
+    """Load the run folders, compute every table, draw the plots (unless `draw` is False),
+    write out/report.md."""
     from analysis import plots
 
     res = load_results([Path(p) for p in paths], keep_warmup=keep_warmup, pool_commits=pool_commits)
     out.mkdir(parents=True, exist_ok=True)
     plots.theme()
-    w = _Writer(out)
+    w = _Writer(out, draw)
     w.notes.extend(res.notes)
     n_warm = int((res.requests["ok"] & res.requests["warmup"]).sum())
     warm = (
@@ -400,12 +406,16 @@ def write_report(
     else:
         w(
             "Along the critical path of each round, the worker whose reply arrived last "
-            "(largest t_call): draft = t_draft; compute = its t_worker; network = its t_net = "
-            "t_call - t_worker (transfer, framing, queueing); aggregation = t_aggregate "
-            "(decode, reconstruct, aggregate, accept); other = t_round - the four (request "
-            "building, thread hand-offs; >= 0). Per round they add up to the round time; per "
-            "token (each request's sums over its rounds / new tokens, plus outside_rounds = "
-            "(e2e - sum of round times) / new tokens) to ms/token. Per token is the fair "
+            "(largest t_call + t_decode): draft = t_draft; compute = its t_worker; network = "
+            "its t_net = t_call - t_worker (transfer, framing, queueing); decode = its "
+            "t_decode (checking and decoding its reply; 0 in records without the column, "
+            "where decoding is inside t_aggregate); dispatch = t_verify - its (t_call + "
+            "t_decode): handing the calls to their threads and joining them; aggregation = "
+            "t_aggregate (reconstruct, aggregate, accept); other = t_round - t_draft - "
+            "t_verify - t_aggregate (building the requests, emitting the tokens; >= 0). Per "
+            "round they add up to the round time; per token (each request's sums over its "
+            "rounds / new tokens, plus outside_rounds = (e2e - sum of round times) / new "
+            "tokens) to ms/token. Per token is the fair "
             "comparison: federated AR needs one round per token, speculative decoding fewer.",
             "",
         )

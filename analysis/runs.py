@@ -58,7 +58,8 @@ REQUIRED_REQUEST_COLUMNS = (
 REQUIRED_ROUND_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", *POINT_COLUMNS,
     "n_drafted", "n_accepted", "n_emitted", "bytes_up", "bytes_down", "t_draft_ms",
-    "t_worker_ms", "t_net_ms", "t_call_ms", "t_aggregate_ms", "t_round_ms", "eps_mean", "k_mean",
+    "t_worker_ms", "t_net_ms", "t_call_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms",
+    "eps_mean", "k_mean",
 )  # fmt: skip
 #: A link-parameter column: `{link}_{up|down}_{param}`.
 LINK_COLUMN = (

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Round-time components along the critical path (ms); `other` = t_round - the rest.
-BREAKDOWN = ["draft", "compute", "network", "aggregation", "other"]
+BREAKDOWN = ["draft", "compute", "network", "decode", "dispatch", "aggregation", "other"]
 #: Per token, also the time of a request outside its rounds: e2e - sum of t_round.
 BREAKDOWN_TOKEN = [*BREAKDOWN, "outside_rounds"]
 #: The baselines of the speedup table: name -> how its requests are told apart.
@@ -222,22 +222,30 @@ def critical_path(res: Results) -> pd.DataFrame:
     """One row per (run, request, round) of ok requests: the critical-path breakdown and the
     analytic lower bound.
 
-    The critical worker is the one whose reply arrived last (largest t_call_ms). Components
-    (ms): draft = t_draft; compute = the critical worker's t_worker; network = its t_net
-    (= t_call - t_worker: transfer, framing, queueing); aggregation = t_aggregate (decode,
-    reconstruct, aggregate, accept); other = t_round - the four (>= 0: request building,
-    thread hand-offs). They add up to t_round.
+    The critical worker is the one whose reply was done last: largest t_call_ms +
+    t_decode_ms (checking and decoding its reply, in the same thread; records without
+    t_decode_ms decode inside t_aggregate and count 0 here). Components (ms): draft =
+    t_draft; compute = the critical worker's t_worker; network = its t_net (= t_call -
+    t_worker: transfer, framing, queueing); decode = its t_decode; dispatch = t_verify - its
+    (t_call + t_decode): handing the calls to their threads and joining them (>= 0);
+    aggregation = t_aggregate (reconstruct, aggregate, accept); other = t_round - t_draft -
+    t_verify - t_aggregate (>= 0: building the requests, emitting the tokens). They add up
+    to t_round.
 
     Lower bound (ms): t_draft + max over workers of (RTT_w + 8 bytes_up / bw_up_w + 8
-    bytes_down / bw_down_w + t_worker_w) + t_aggregate, with RTT_w the measured calibration
-    RTT of the worker's path (else the configured path RTT) and bw_up_w / bw_down_w the
-    bottleneck bandwidth of its path towards / from srv.
+    bytes_down / bw_down_w + t_worker_w + t_decode_w) + t_aggregate, with RTT_w the
+    measured calibration RTT of the worker's path (else the configured path RTT) and
+    bw_up_w / bw_down_w the bottleneck bandwidth of its path towards / from srv.
     """
     r = res.rounds[res.rounds["ok"]].copy() if not res.rounds.empty else pd.DataFrame()
     if r.empty:
         return pd.DataFrame()
-    for c in ("t_draft_ms", "t_worker_ms", "t_net_ms", "t_call_ms", "t_aggregate_ms", "t_round_ms"):
+    for c in ("t_draft_ms", "t_worker_ms", "t_net_ms", "t_call_ms", "t_verify_ms",
+              "t_aggregate_ms", "t_round_ms"):  # fmt: skip
         r[c] = r[c].astype(float)
+    decode = r["t_decode_ms"].astype(float).fillna(0.0) if "t_decode_ms" in r else 0.0
+    r["t_decode_ms"] = decode
+    r["t_done_ms"] = r["t_call_ms"] + r["t_decode_ms"]
     cal = calibration_rtt(res)
     r = r.merge(cal, on=["run", "point", "rep", "worker"], how="left")
     measured = r["rtt_measured_ms"].to_numpy(dtype=float)
@@ -251,9 +259,10 @@ def critical_path(res: Results) -> pd.DataFrame:
         + r["bytes_up"].to_numpy(dtype=float) * 8 / (bw_up * 1e3)
         + r["bytes_down"].to_numpy(dtype=float) * 8 / (bw_down * 1e3)
         + r["t_worker_ms"].to_numpy(dtype=float)
+        + r["t_decode_ms"].to_numpy(dtype=float)
     )
     keys = ["run", "request_id", "round"]
-    crit = r.loc[r.groupby(keys, sort=False)["t_call_ms"].idxmax()].set_index(keys)
+    crit = r.loc[r.groupby(keys, sort=False)["t_done_ms"].idxmax()].set_index(keys)
     per = r.groupby(keys, sort=False).agg(
         bytes_up=("bytes_up", "sum"),
         bytes_down=("bytes_down", "sum"),
@@ -263,20 +272,17 @@ def critical_path(res: Results) -> pd.DataFrame:
     req_cols = [
         c for c in res.requests.columns if c in crit.columns and c not in ("run", "request_id")
     ]
-    skip = {"worker", "t_send_ms", "t_verify_ms", "alpha", "local_l1", "k_mean", "eps_mean",
-            "bytes_up", "bytes_down", "rtt_measured_ms", "worker_bound_ms"}  # fmt: skip
-    own = [c for c in crit.columns if c.startswith("worker_")]
-    out = crit[[c for c in req_cols if c not in skip and c not in own]].copy()
+    out = crit[req_cols].copy()
     out["critical_worker"] = crit["worker"]
     for c in ("n_drafted", "n_accepted", "n_emitted", "t_round_ms"):
         out[c] = crit[c]
     out["draft"] = crit["t_draft_ms"]
     out["compute"] = crit["t_worker_ms"]
     out["network"] = crit["t_net_ms"]
+    out["decode"] = crit["t_decode_ms"]
+    out["dispatch"] = crit["t_verify_ms"] - crit["t_done_ms"]
     out["aggregation"] = crit["t_aggregate_ms"]
-    out["other"] = out["t_round_ms"] - out[["draft", "compute", "network", "aggregation"]].sum(
-        axis=1
-    )
+    out["other"] = out["t_round_ms"] - out[BREAKDOWN[:-1]].sum(axis=1)
     out = out.join(per)
     out["bound_ms"] = out["draft"] + out["max_worker_bound_ms"] + out["aggregation"]
     out["ratio"] = out["t_round_ms"] / out["bound_ms"]

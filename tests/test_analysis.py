@@ -237,7 +237,9 @@ def test_keep_warmup_counts_them(tmp_path: Path) -> None:
     ms = summ[summ["metric"] == "ms_per_token"]
     assert (ms["n_obs"] == ms["n_requests"]).all()
     assert (ms["n_warmup_left_out"] == 0).all()
-    assert main(["report", str(FIXTURE), "--out", str(tmp_path), "--keep-warmup"]) == 0
+    assert (
+        main(["report", str(FIXTURE), "--out", str(tmp_path), "--keep-warmup", "--no-plots"]) == 0
+    )
     assert "**kept** in the statistics" in (tmp_path / "report.md").read_text()
 
 
@@ -260,9 +262,14 @@ def test_acceptance_is_wilson_over_distinct_generations(report: tuple[Path, str]
                **{SETTING[0]: 20.0, SETTING[1]: 10.0})["ci_high"] == 1.0  # fmt: skip
 
 
+COMPONENTS = ["draft", "compute", "network", "decode", "dispatch", "aggregation", "other"]
+
+
 def _critical(rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per round: the worker whose reply was done last (call + decode) and its path."""
     keys = ["request_id", "round"]
-    crit = rounds.loc[rounds.groupby(keys)["t_call_ms"].idxmax()].set_index(keys)
+    rounds = rounds.assign(done=rounds["t_call_ms"] + rounds["t_decode_ms"])
+    crit = rounds.loc[rounds.groupby(keys)["done"].idxmax()].set_index(keys)
     per = pd.DataFrame(
         {
             "config": crit["config"],
@@ -276,32 +283,34 @@ def _critical(rounds: pd.DataFrame) -> pd.DataFrame:
             "draft": crit["t_draft_ms"],
             "compute": crit["t_worker_ms"],
             "network": crit["t_call_ms"] - crit["t_worker_ms"],
+            "decode": crit["t_decode_ms"],
+            "dispatch": crit["t_verify_ms"] - crit["done"],
             "aggregation": crit["t_aggregate_ms"],
             "t_round": crit["t_round_ms"],
         }
     )
-    per["other"] = per["t_round"] - per[["draft", "compute", "network", "aggregation"]].sum(axis=1)
+    per["other"] = per["t_round"] - per[COMPONENTS[:-1]].sum(axis=1)
     return per
 
 
 def test_breakdown_follows_the_critical_path_and_adds_up(report: tuple[Path, str]) -> None:
     per = _critical(read_rounds())
-    # the remainder is never negative and small: < 5 % of the round time in every config
-    assert (per["other"] >= 0).all()
+    # the remainder is never negative and small: < 1 % of the round time in every config;
+    # the thread hand-offs around the parallel calls are their own component, never < 0
+    assert (per["other"] >= 0).all() and (per["dispatch"] >= 0).all()
     share = per.groupby("config")["other"].mean() / per.groupby("config")["t_round"].mean()
-    assert (share < 0.05).all(), share
+    assert (share < 0.01).all(), share
     bd = table(report, "breakdown")
     inc = per[~per["warmup"]]
     for (cfg, bw, dl), g in inc.groupby(["config", "bw", "delay"]):
         sub = bd[(bd["config"] == cfg) & (bd[SETTING[0]] == bw) & (bd[SETTING[1]] == dl)]
         rnd = sub[sub["per"] == "round"].set_index("component")
-        for comp in ("draft", "compute", "network", "aggregation", "other"):
+        for comp in COMPONENTS:
             m, _lo, _hi = t_ci(g.groupby("rep")[comp].mean().to_numpy())
             assert close(rnd.loc[comp, "mean"], m), (cfg, comp)
-        assert close(rnd.loc[["draft", "compute", "network", "aggregation", "other"], "mean"].sum(),
-                     rnd.loc["total", "mean"])  # fmt: skip
+        assert close(rnd.loc[COMPONENTS, "mean"].sum(), rnd.loc["total", "mean"])
         tok = sub[sub["per"] == "token"].set_index("component")
-        parts = ["draft", "compute", "network", "aggregation", "other", "outside_rounds"]
+        parts = [*COMPONENTS, "outside_rounds"]
         assert (tok.loc[parts, "mean"] >= 0).all()
         assert close(tok.loc[parts, "mean"].sum(), tok.loc["total", "mean"])
     # per token, federated AR and full are compared fairly: AR's round is one token
@@ -443,6 +452,7 @@ def test_lower_bound_ratio_equals_pandas(report: tuple[Path, str]) -> None:
     r["wb"] = (
         r["rtt"] + r["bytes_up"] * 8 / (bw_up * 1e3) + r["bytes_down"] * 8 / (bw_down * 1e3)
         + r["t_worker_ms"]
+        + r["t_decode_ms"]
     )  # fmt: skip
     per = (
         r[~r["warmup"]]
@@ -550,8 +560,9 @@ def test_failed_requests_counted_not_averaged_and_logp_optional(tmp_path: Path) 
         req.loc[victim, c] = ""
     req.drop(columns="logp_mean").to_csv(run / "requests.csv", index=False)
     out = tmp_path / "out"
-    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert main(["report", str(run), "--out", str(out), "--no-plots"]) == 0
     md = (out / "report.md").read_text()
+    assert not list(out.glob("*.png")) and "not drawn (--no-plots)" in md
     summ = pd.read_csv(out / "tables" / "summary.csv")
     bw, dl = float(req.loc[victim, SETTING[0]]), float(req.loc[victim, SETTING[1]])
     r = row(summ, config="full", metric="ms_per_token", **{SETTING[0]: bw, SETTING[1]: dl})
