@@ -148,8 +148,14 @@ def facets(
     res: Results, table: pd.DataFrame, exclude: Sequence[str] = ()
 ) -> list[tuple[str, pd.DataFrame]]:
     """Sub-tables per value of the settings that vary in `table`, `exclude`d columns aside
-    (those an axis plots); titled 'col=value, ...' ('all settings' if none varies)."""
-    cols = [c for c in res.settings if c not in exclude and c in table]
+    (those an axis plots) and the recorded queue sizes (derived from the bandwidth-delay
+    product, they move with the links; a swept `links.*.queue_pkts` still splits); titled
+    'col=value, ...' ('' if none varies)."""
+    cols = [
+        c
+        for c in res.settings
+        if c not in exclude and c in table and not (c.endswith("_queue_pkts") and "." not in c)
+    ]
     cols = minimal_columns(table, [c for c in cols if table[c].nunique(dropna=False) > 1])
     if not cols:
         return [("", table)]
@@ -449,8 +455,8 @@ def breakdown(res: Results, table: pd.DataFrame, path: Path) -> Path:
             head = f"Per {per}" + (f" — {label}" if label else "")
             ax.set_title(head, fontsize="medium")
     fig.suptitle(
-        "Time along the critical path (the worker whose reply arrived last): draft + its "
-        "compute + its network + aggregation + other = round time"
+        "Time along the critical path (the worker whose reply arrived last); the components "
+        "add up to ms per token (top) and to the round time (bottom)"
     )
     _legend_right(axs[0][-1], "component", gather=axs)
     fig.tight_layout()
