@@ -31,8 +31,9 @@ Derived columns:
                           (models.*, decoding.max_new_tokens, network.*, ...), by dotted path
 
 A *setting* column is any column other than the per-request options that can change a
-result: every link parameter, every swept dotted path, the scenario fields above, V,
-link_backend and git_sha (unless pool_commits). Statistics group by the configuration's
+result: every link parameter, every swept dotted path, the scenario fields above,
+compute_mode, V, link_backend, git_sha (unless pool_commits), and any other records column
+constant within every point and repetition. Statistics group by the configuration's
 options (SCHEME) and every setting column that varies in the data loaded.
 
 Notation as in the paper: gamma drafted tokens per round, K kept entries, V vocabulary.
@@ -358,14 +359,41 @@ def _config_names(
     return df.assign(config=names, config_order=orders, family=fams)
 
 
-def _candidates(df: pd.DataFrame, scenario_cols: list[str], pool_commits: bool) -> list[str]:
+#: Columns of requests.csv that describe the request's outcome (not taken by its rounds).
+REQUEST_ONLY = (
+    "status", "prompt_tokens", "new_tokens", "rounds", "ttft_ms", "e2e_ms", "ms_per_token",
+    "acceptance", "tokens_per_round", "bytes_up_total", "bytes_per_token", "logp_mean",
+    "events", "tokens",
+)  # fmt: skip
+#: Records columns that are settings when they vary (how compute ran, V, link backend).
+SETTING_COLUMNS = ("compute_mode", "vocab_size", "link_backend")
+#: Records columns that are never settings: ids, per-request outcomes, per-prompt values.
+NOT_SETTINGS = frozenset(
+    {"run", "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "seed", *SCHEME}
+    | set(REQUEST_ONLY)
+)
+
+
+def _constant_per_point(df: pd.DataFrame, col: str) -> bool:
+    """True if `col` takes one value within every (run, point, rep)."""
+    n = df.groupby(["run", "point", "rep"], dropna=False)[col].nunique(dropna=False)
+    return bool((n <= 1).all())
+
+
+def _candidates(
+    df: pd.DataFrame, scenario_cols: list[str], pool_commits: bool, raw: Sequence[str]
+) -> list[str]:
     """Setting columns in label priority: swept dotted paths, commit, scenario fields, link
-    parameters (bandwidth, delay, jitter, loss, queue), V, link backend."""
+    parameters (bandwidth, delay, jitter, loss, queue), SETTING_COLUMNS, then any other
+    records column constant within every point and repetition (a column a newer testbed
+    adds is grouped by rather than averaged over)."""
     dotted = [c for c in df.columns if "." in c and c not in scenario_cols]
     links = [c for c in df.columns if _LINK.match(c)]
     links.sort(key=lambda c: _LINK_PARAM_ORDER.index(_LINK.match(c)["param"]))  # type: ignore[index]
     out = [*dotted, *([] if pool_commits else ["git_sha"]), *scenario_cols, *links]
-    return [*out, *(c for c in ("vocab_size", "link_backend") if c in df)]
+    out += [c for c in SETTING_COLUMNS if c in df]
+    known = set(out) | NOT_SETTINGS | {"git_sha", "status"}
+    return out + [c for c in raw if c in df and c not in known and _constant_per_point(df, c)]
 
 
 def _varying(df: pd.DataFrame, cols: Sequence[str]) -> list[str]:
@@ -528,6 +556,7 @@ def load_results(
             + ": nothing to analyze"
         )
     requests = _fill_dotted(_normalize(requests), runs)
+    raw_columns = list(requests.columns)
     scen = _scenario_columns(runs, set(requests.columns))
     for path, values in scen.items():
         requests[path] = _numeric(requests["run"].map(values))
@@ -544,7 +573,7 @@ def load_results(
     family_styles: dict[str, Style] = {}
     requests = _config_names(requests, styles, family_styles)
     inc = requests[requests["included"]]
-    cands = _candidates(requests, list(scen), pool_commits)
+    cands = _candidates(requests, list(scen), pool_commits, raw_columns)
     settings = _varying(inc if not inc.empty else requests, cands)
     label_columns = minimal_columns(inc if not inc.empty else requests, settings)
     requests["setting"] = setting_labels(requests, label_columns)
@@ -588,12 +617,6 @@ def load_results(
     return res
 
 
-#: Columns of requests.csv that describe the request's outcome (not taken by its rounds).
-REQUEST_ONLY = (
-    "status", "prompt_tokens", "new_tokens", "rounds", "ttft_ms", "e2e_ms", "ms_per_token",
-    "acceptance", "tokens_per_round", "bytes_up_total", "bytes_per_token", "logp_mean",
-    "events", "tokens",
-)  # fmt: skip
 #: A worker's own transmission in a round (per-worker settings): `worker_<name>` in rounds.
 WORKER_OWN = ("transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction")
 ROUND_OWN = (
@@ -604,15 +627,15 @@ ROUND_OWN = (
 
 
 def _rounds(raw: pd.DataFrame, requests: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
-    """Each round row: its own columns (ROUND_OWN, the worker's transmission as worker_*)
-    and every other column of its request (configuration, settings, derived columns)."""
+    """Each round row: its own columns (ROUND_OWN and any other the records add; the
+    worker's transmission as worker_*) and every column of its request (configuration,
+    settings, derived columns)."""
     if raw.empty:
         return raw
-    r = _normalize(raw)
-    r = r[["run", "request_id", *(c for c in ROUND_OWN if c in r), *WORKER_OWN]].rename(
-        columns={c: f"worker_{c}" for c in WORKER_OWN}
-    )
+    r = _normalize(raw).rename(columns={c: f"worker_{c}" for c in WORKER_OWN})
     req = requests.drop(columns=[c for c in REQUEST_ONLY if c in requests])
+    # the request's columns replace the round's copies (constants, ids, swept values)
+    r = r.drop(columns=[c for c in req.columns if c in r and c not in ("run", "request_id")])
     r = r.merge(req, on=["run", "request_id"], how="left")
     orphan = r["config"].isna()
     if orphan.any():

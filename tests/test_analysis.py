@@ -521,6 +521,25 @@ def test_runs_from_two_commits_are_kept_apart_unless_pooled(tmp_path: Path) -> N
     assert any("pooled" in n for n in pooled.notes)
 
 
+def test_compute_mode_and_new_constant_columns_are_settings(tmp_path: Path) -> None:
+    runs = []
+    for mode in ("live", "emulated"):
+        run = shutil.copytree(FIXTURE, tmp_path / mode)
+        for name in ("requests.csv", "rounds.csv"):
+            df = pd.read_csv(run / name, dtype=str)
+            df["compute_mode"] = mode
+            df["device_profile"] = f"profile-{mode}"  # a column a newer testbed might add
+            df.to_csv(run / name, index=False)
+        runs.append(run)
+    res = analysis.load(runs)
+    assert {"compute_mode", "device_profile"} <= set(res.settings)
+    assert "compute_mode" in res.label_columns and "device_profile" not in res.label_columns
+    ms = res.tables()["summary"].query("metric == 'ms_per_token'")
+    one = analysis.load(FIXTURE).tables()["summary"].query("metric == 'ms_per_token'")
+    assert len(ms) == 2 * len(one)  # live and emulated compute never averaged together
+    assert set(ms["compute_mode"]) == {"live", "emulated"}
+
+
 # ----------------------------------------------------------------------------- API
 
 
