@@ -619,15 +619,10 @@ def load_results(
 
 #: A worker's own transmission in a round (per-worker settings): `worker_<name>` in rounds.
 WORKER_OWN = ("transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction")
-ROUND_OWN = (
-    "round", "worker", "n_drafted", "n_accepted", "n_emitted", "bytes_up", "bytes_down",
-    "t_draft_ms", "t_send_ms", "t_worker_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
-    "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean",
-)  # fmt: skip
 
 
 def _rounds(raw: pd.DataFrame, requests: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
-    """Each round row: its own columns (ROUND_OWN and any other the records add; the
+    """Each round row: its own columns (every rounds.csv column but the request's; the
     worker's transmission as worker_*) and every column of its request (configuration,
     settings, derived columns)."""
     if raw.empty:

@@ -38,6 +38,7 @@ from analysis.tables import BREAKDOWN_TOKEN, FIDELITY_BETTER
 COMPONENT_COLORS = {
     "draft": "#8c564b",
     "compute": "#e7ba52",
+    "fidelity": "#f7b6d2",
     "network": "#7b68b5",
     "decode": "#17becf",
     "dispatch": "#bcbd22",

@@ -26,6 +26,7 @@ from tabulate import tabulate
 from analysis import tables as T
 from analysis.frames import SCHEME, Results, load_results
 from analysis.stats import LEVEL, unit_means
+from specfed.wire import reply_frame_bytes
 
 # ----------------------------------------------------------------------------- cells
 
@@ -406,8 +407,9 @@ def write_report(
     else:
         w(
             "Along the critical path of each round, the worker whose reply arrived last "
-            "(largest t_call + t_decode): draft = t_draft; compute = its t_worker; network = "
-            "its t_net = t_call - t_worker (transfer, framing, queueing); decode = its "
+            "(largest t_call + t_decode): draft = t_draft; compute = its t_worker; fidelity = "
+            "its t_fidelity (measuring local_l1: testbed overhead); network = its t_net = "
+            "t_call - t_worker - t_fidelity (transfer, framing, queueing); decode = its "
             "t_decode (checking and decoding its reply; 0 in records without the column, "
             "where decoding is inside t_aggregate); dispatch = t_verify - its (t_call + "
             "t_decode): handing the calls to their threads and joining them; aggregation = "
@@ -492,8 +494,10 @@ def write_report(
     else:
         w(
             "Up bytes (worker -> server) per worker and round: measured vs the documented size "
-            "`specfed.wire.reply_frame_bytes(payload, request_id)` (12 + 2 + len(request_id) + "
-            "24 + payload) with the payload from the codec of the round's own transmission "
+            "`specfed.wire.reply_frame_bytes(payload, request_id)` "
+            f"({reply_frame_bytes(0, '')} + len(request_id) + payload: frame header, id and "
+            "reply fields, docs/wire-protocol.md) with the payload from the codec of the "
+            "round's own transmission "
             "columns: full / top-K `Transmission.codec().encoded_size(P, V)`, adaptive "
             "12 + 4P + sum_j K_j (index + value bytes), sum_j K_j = P k_mean (docs/codecs.md); "
             "P = n_drafted + 1. Per token: the request's total over rounds and workers / new "

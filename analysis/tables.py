@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 #: Round-time components along the critical path (ms); `other` = t_round - the rest.
-BREAKDOWN = ["draft", "compute", "network", "decode", "dispatch", "aggregation", "other"]
+BREAKDOWN = [
+    "draft", "compute", "fidelity", "network", "decode", "dispatch", "aggregation", "other",
+]  # fmt: skip
 #: Per token, also the time of a request outside its rounds: e2e - sum of t_round.
 BREAKDOWN_TOKEN = [*BREAKDOWN, "outside_rounds"]
 #: The baselines of the speedup table: name -> how its requests are told apart.
@@ -225,8 +227,10 @@ def critical_path(res: Results) -> pd.DataFrame:
     The critical worker is the one whose reply was done last: largest t_call_ms +
     t_decode_ms (checking and decoding its reply, in the same thread; records without
     t_decode_ms decode inside t_aggregate and count 0 here). Components (ms): draft =
-    t_draft; compute = the critical worker's t_worker; network = its t_net (= t_call -
-    t_worker: transfer, framing, queueing); decode = its t_decode; dispatch = t_verify - its
+    t_draft; compute = the critical worker's t_worker; fidelity = its t_fidelity (measuring
+    local_l1 after its compute: testbed overhead; 0 in records without the column); network
+    = its t_net (= t_call - t_worker - t_fidelity: transfer, framing, queueing); decode =
+    its t_decode; dispatch = t_verify - its
     (t_call + t_decode): handing the calls to their threads and joining them (>= 0);
     aggregation = t_aggregate (reconstruct, aggregate, accept); other = t_round - t_draft -
     t_verify - t_aggregate (>= 0: building the requests, emitting the tokens). They add up
@@ -245,6 +249,9 @@ def critical_path(res: Results) -> pd.DataFrame:
         r[c] = r[c].astype(float)
     decode = r["t_decode_ms"].astype(float).fillna(0.0) if "t_decode_ms" in r else 0.0
     r["t_decode_ms"] = decode
+    r["t_fidelity_ms"] = (
+        r["t_fidelity_ms"].astype(float).fillna(0.0) if "t_fidelity_ms" in r else 0.0
+    )
     r["t_done_ms"] = r["t_call_ms"] + r["t_decode_ms"]
     cal = calibration_rtt(res)
     r = r.merge(cal, on=["run", "point", "rep", "worker"], how="left")
@@ -278,6 +285,7 @@ def critical_path(res: Results) -> pd.DataFrame:
         out[c] = crit[c]
     out["draft"] = crit["t_draft_ms"]
     out["compute"] = crit["t_worker_ms"]
+    out["fidelity"] = crit["t_fidelity_ms"]
     out["network"] = crit["t_net_ms"]
     out["decode"] = crit["t_decode_ms"]
     out["dispatch"] = crit["t_verify_ms"] - crit["t_done_ms"]

@@ -262,7 +262,9 @@ def test_acceptance_is_wilson_over_distinct_generations(report: tuple[Path, str]
                **{SETTING[0]: 20.0, SETTING[1]: 10.0})["ci_high"] == 1.0  # fmt: skip
 
 
-COMPONENTS = ["draft", "compute", "network", "decode", "dispatch", "aggregation", "other"]
+COMPONENTS = [
+    "draft", "compute", "fidelity", "network", "decode", "dispatch", "aggregation", "other",
+]  # fmt: skip
 
 
 def _critical(rounds: pd.DataFrame) -> pd.DataFrame:
@@ -282,7 +284,8 @@ def _critical(rounds: pd.DataFrame) -> pd.DataFrame:
             "n_emitted": crit["n_emitted"],
             "draft": crit["t_draft_ms"],
             "compute": crit["t_worker_ms"],
-            "network": crit["t_call_ms"] - crit["t_worker_ms"],
+            "fidelity": crit["t_fidelity_ms"],
+            "network": crit["t_call_ms"] - crit["t_worker_ms"] - crit["t_fidelity_ms"],
             "decode": crit["t_decode_ms"],
             "dispatch": crit["t_verify_ms"] - crit["done"],
             "aggregation": crit["t_aggregate_ms"],
@@ -375,14 +378,16 @@ def test_bytes_measured_equal_documented_formula(report: tuple[Path, str]) -> No
     _, md = report
     r = read_rounds()
     p = r["n_drafted"] + 1
-    # docs/wire-protocol.md: VERIFY_REPLY = 12 + 2 + len(request_id) + 24 + payload;
+    # docs/wire-protocol.md: VERIFY_REPLY = 12 (frame header) + 2 + len(request_id) + 40
+    # (u32 round, f64 t_worker_ms, f64 local_l1, f64 t_fidelity_ms, f64 t_recorded_ms, u32 n)
+    # + payload;
     # docs/codecs.md: full 12 + 4 P V; top-K 16 + P K (2 + 4); adaptive 12 + 4P + sum K_j (2 + 4)
     payload = np.select(
         [r["transmission"] == "full", r["transmission"] == "topk"],
         [12 + 4 * p * V, 16 + p * np.minimum(r["k"].fillna(0), V) * 6],
         12 + 4 * p + (p * r["k_mean"]).round() * 6,
     )
-    r["formula"] = 12 + 2 + r["request_id"].str.len() + 24 + payload
+    r["formula"] = 12 + 2 + r["request_id"].str.len() + 40 + payload
     assert (r["bytes_up"] == r["formula"]).all()
     assert set(r["transmission"]) == {"full", "topk", "adaptive"}
     by = table(report, "bytes")
