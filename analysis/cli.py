@@ -80,10 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="tables, plots and report.md for one or several run folders",
-        description="Load one or several run folders (concatenated, every row tagged with "
-        "its run) and write report.md, the PNG plots and every table as CSV and parquet "
-        "(tables/) into --out. Plots whose axis does not vary in the data are skipped with "
-        "a note in the report.",
+        description="Load one or several run folders (concatenated, every row tagged with\n"
+        "its run) and write report.md, the PNG plots and every table as CSV and parquet\n"
+        "(tables/) into --out. Plots whose axis does not vary in the data are skipped\n"
+        "with a note in the report.",
         formatter_class=_Formatter,
     )
     rep.add_argument(
@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser(
         "compare",
         help="two run folders side by side",
-        description="Per configuration and setting: ms/token, ttft, tokens/round, "
-        "bytes/token and acceptance of run A and run B (95 %% CIs over repetitions) and "
+        description="Per configuration and setting: ms/token, ttft, tokens/round,\n"
+        "bytes/token and acceptance of run A and run B (95 % CIs over repetitions) and\n"
         "B/A; compare.md, tables/compare.csv (+ parquet) and two plots into --out.",
         formatter_class=_Formatter,
     )
@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "paper",
         help="figures and report of a study run (analysis.paper); `analysis paper --help`",
-        description="Fig. 2, Fig. 3 and report.md of a distribution-level study run "
+        description="Fig. 2, Fig. 3 and report.md of a distribution-level study run\n"
         "(analysis.paper); every argument after `paper` goes to it unchanged.",
         add_help=False,
     )
