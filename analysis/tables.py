@@ -154,29 +154,45 @@ def runs_table(res: Results) -> pd.DataFrame:
 
 
 def calibration_table(res: Results) -> pd.DataFrame:
-    """Per run, network group and worker path: configured vs measured RTT, goodput ratios."""
+    """Per run, network group and worker path: configured vs measured RTT (the median, or
+    the mean of runs made before calibration judged medians), rate ratios (paced UDP
+    train), loss counts, TCP goodput ratios where measured, attempts."""
     rows = []
     for run in res.runs:
         for gi, g in enumerate(run.meta.get("groups", [])):
             values = ", ".join(f"{k}={v}" for k, v in (g.get("values") or {}).items())
             for c in g.get("calibration") or []:
                 rtt = c.get("rtt") or {}
-                gp = {
-                    f"{x.get('src')}->{x.get('dst')}": x.get("ratio") for x in c.get("goodput", [])
-                }
+                a, b = c.get("a"), c.get("b")
+
+                def by_dir(key: str, field: str, c: dict[str, Any] = c) -> dict[str, Any]:
+                    return {
+                        f"{x.get('src')}->{x.get('dst')}": x.get(field) for x in c.get(key) or []
+                    }
+
+                gp, rate = by_dir("goodput", "ratio"), by_dir("rate", "ratio")
+                lost, sent = by_dir("loss", "lost"), by_dir("loss", "sent")
+                up, down = f"{a}->{b}", f"{b}->{a}"
                 rows.append(
                     {
                         "run": run.label,
                         "group": gi,
                         "rep": int(g.get("rep", 0)),
                         "values": values,
-                        "path": f"{c.get('a')}-{c.get('b')}",
+                        "path": f"{a}-{b}",
                         "configured_rtt_ms": _f(c.get("configured_rtt_ms")),
-                        "measured_rtt_ms": _f(rtt.get("mean_ms")),
+                        "measured_rtt_ms": _f(rtt.get("median_ms", rtt.get("mean_ms"))),
                         "rtt_sd_ms": _f(rtt.get("sd_ms")),
                         "rtt_error_ms": _f(c.get("rtt_error_ms")),
-                        "goodput_up_ratio": _f(gp.get(f"{c.get('a')}->{c.get('b')}")),
-                        "goodput_down_ratio": _f(gp.get(f"{c.get('b')}->{c.get('a')}")),
+                        "rate_up_ratio": _f(rate.get(up)),
+                        "rate_down_ratio": _f(rate.get(down)),
+                        "loss_up_lost": _f(lost.get(up)),
+                        "loss_up_sent": _f(sent.get(up)),
+                        "loss_down_lost": _f(lost.get(down)),
+                        "loss_down_sent": _f(sent.get(down)),
+                        "goodput_up_ratio": _f(gp.get(up)),
+                        "goodput_down_ratio": _f(gp.get(down)),
+                        "attempts": _f(c.get("attempts", 1)),
                         "passed": bool(c.get("passed")),
                     }
                 )
@@ -191,13 +207,15 @@ def _f(x: Any) -> float:
 
 
 def calibration_rtt(res: Results) -> pd.DataFrame:
-    """(run, point, rep, worker) -> measured calibration RTT mean of the worker's path, ms."""
+    """(run, point, rep, worker) -> measured calibration RTT of the worker's path (median;
+    the mean for older runs), ms."""
     rows = []
     for run in res.runs:
         for g in run.meta.get("groups", []):
             for c in g.get("calibration") or []:
                 worker = c.get("a") if c.get("b") == "srv" else c.get("b")
-                mean = (c.get("rtt") or {}).get("mean_ms")
+                rtt = c.get("rtt") or {}
+                mean = rtt.get("median_ms", rtt.get("mean_ms"))
                 if mean is None:
                     continue
                 for pt in g.get("points", []):
