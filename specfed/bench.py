@@ -537,10 +537,29 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
             ]
             agg = [r.t_aggregate_ms for r in rounds]
             net = [w.t_net_ms for r in rounds for w in r.workers]
+            # where the overhead goes, on the critical path (the reply that arrived last)
+            crit = [max(r.workers, key=lambda w: w.t_call_ms) for r in rounds]
+            parts = {
+                "send_request": [w.t_send_ms for w in crit],
+                "network_and_worker_io": [w.t_net_ms - w.t_send_ms for w in crit],
+                "worker_fidelity": [w.t_fidelity_ms for w in crit],
+                "decode_and_check": [w.t_decode_ms for w in crit],
+                "aggregate_and_accept": agg,
+                # <= 0: the last reply's compute minus the longest compute of the round
+                "compute_skew": [
+                    c.t_worker_ms - max(w.t_worker_ms for w in r.workers)
+                    for r, c in zip(rounds, crit, strict=True)
+                ],
+            }
+            explained = np.sum([np.asarray(v) for v in parts.values()], axis=0)
+            parts["other_thread_handoffs"] = list(np.asarray(overhead) - explained)
             out[label] = {
                 "rounds": len(rounds),
                 "overhead_ms_median": float(np.median(overhead)),
                 "overhead_ms_p90": float(np.percentile(overhead, 90)),
+                "overhead_breakdown_ms_median": {
+                    k: round(float(np.median(v)), 3) for k, v in parts.items()
+                },
                 "server_aggregate_ms_median": float(np.median(agg)),
                 "t_net_ms_median": float(np.median(net)),
                 "bytes_up_per_worker_round_median": float(

@@ -14,7 +14,9 @@ import atexit
 import contextlib
 import functools
 import os
+import re
 import secrets
+import shlex
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,17 @@ class TcpSettings:
     congestion_control: str = "bbr"
     slow_start_after_idle: int = 0
 
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", str(self.congestion_control)):
+            raise ValueError(
+                f"TCP congestion control {self.congestion_control!r}: expected a kernel name "
+                "such as bbr, cubic or reno"
+            )
+        if self.slow_start_after_idle not in (0, 1):
+            raise ValueError(
+                f"slow_start_after_idle must be 0 or 1, got {self.slow_start_after_idle!r}"
+            )
+
     def sysctls(self) -> dict[str, str]:
         """The sysctl keys and values this stands for."""
         return {
@@ -67,8 +80,8 @@ def configure_tcp(
     them back. Returns ``{host: {sysctl key: value read back}}`` for the run metadata;
     raises :class:`TcpConfigError` naming the host if a value did not stick."""
     want = (settings or TcpSettings()).sysctls()
-    assign = " ".join(f"{k}={v}" for k, v in want.items())
-    keys = " ".join(want)
+    assign = " ".join(shlex.quote(f"{k}={v}") for k, v in want.items())  # values checked too
+    keys = " ".join(shlex.quote(k) for k in want)
     result: dict[str, dict[str, str]] = {}
     for host in hosts:
         out = host.cmd(f"sysctl -q -w {assign} >/dev/null 2>&1; sysctl -n {keys}")
