@@ -180,10 +180,7 @@ def aggregate(
 
 
 def _check_method(method: str) -> None:
-    if method not in Reconstruction.names():
-        raise ValueError(
-            f"unknown reconstruction {method!r}; use one of {', '.join(Reconstruction.names())}"
-        )
+    Reconstruction.parse(method, "reconstruction")
 
 
 def _check_weights(

@@ -570,7 +570,7 @@ def test_transmission_carries_the_index_coding() -> None:
         Transmission(Mode.FULL, index_coding="bitpack")
     with pytest.raises(ValueError, match="value_dtype for full"):
         Transmission.of("full", value_dtype="q4")
-    with pytest.raises(ValueError, match="index_coding: unknown value 'zip'"):
+    with pytest.raises(ValueError, match="unknown index_coding 'zip'"):
         Transmission(Mode.TOPK, k=8, index_coding="zip")
 
 
