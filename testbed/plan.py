@@ -80,9 +80,11 @@ def _path(topo: Any, per: dict[Any, Any], default: Any, a: str, b: str) -> tuple
     rtt, bw, node = 0.0, math.inf, b
     while node != a and node in prev:
         x, y = prev[node], node  # traversed x -> y on the way from a to b
-        if (x, y) in per or (y, x) in per:
-            spec = per.get((x, y)) or per[(y, x)].reversed()
-        elif (x in per and (x, y) in links) or ((y, x) in links and x in per):
+        if (x, y) in per:
+            spec = per[(x, y)]
+        elif (y, x) in per:
+            spec = per[(y, x)].reversed()
+        elif x in per:  # a host's access link: up = host -> switch
             spec = per[x]
         elif y in per:
             spec = per[y].reversed()
