@@ -251,6 +251,7 @@ class EmuLink(Link):
                 str(d.max_queue_size),
             ]
         cmd += ["--gso-segs-a", str(gso_segments(up)), "--gso-segs-b", str(gso_segments(down))]
+        epoch: float | None = None
         if self.spec.has_trace:
             epoch = self.trace_epoch if self.trace_epoch is not None else time.monotonic()
             cmd += ["--trace-epoch", repr(epoch)]
@@ -284,8 +285,7 @@ class EmuLink(Link):
         _, _pid, idx1, idx2 = line.split()
         self._record_intf(n1, node1, int(idx1), "tap")
         self._record_intf(n2, node2, int(idx2), "tap")
-        if self.spec.has_trace:
-            self.trace_start_mono_s = epoch
+        self.trace_start_mono_s = epoch
 
     def stop_forwarder(self, timeout_s: float = 2.0) -> None:
         """End the forwarder (its TAP devices vanish with it)."""
