@@ -592,47 +592,79 @@ def star_topo() -> Any:
     return Star()
 
 
-def iperf_intervals(
+def rx_bytes(pid: int, intf: str) -> int:
+    """Bytes received so far by ``intf`` in the network namespace of process ``pid``
+    (its /proc/PID/net/dev: no shell, no fork)."""
+    with open(f"/proc/{pid}/net/dev", encoding="ascii") as f:
+        for line in f:
+            name, sep, rest = line.partition(":")
+            if sep and name.strip() == intf:
+                return int(rest.split()[0])
+    raise AssertionError(f"no interface {intf} in /proc/{pid}/net/dev")
+
+
+def delivery_windows(
     emu: Any, sender: str, receiver: str, seconds: float, port: int
-) -> list[dict[str, Any]]:
-    """TCP sender -> receiver for ``seconds`` with iperf3 (client in the receiver, -R);
-    0.25 s receive intervals after the first second as ``{t0, t1, mbit}`` on the
-    time.monotonic() clock (t0 = when the client was started: its intervals start after
-    connecting, a few ms later). The iperf3 server is recorded in the net's state file."""
+) -> list[tuple[float, float, float]]:
+    """Saturate ``sender -> receiver`` with TCP for ``seconds`` (iperf3, client in the
+    receiver with -R; both recorded in the net's state file) while sampling the bytes the
+    link delivers to the receiver (its eth0's rx counter, the frames the forwarder wrote)
+    every 50 ms; windows of >= 0.25 s from the run's second second on, as
+    ``(t0, t1, Mbit/s of frames)`` on the time.monotonic() clock. The kernel counters do
+    not stall with a busy receiver process, as iperf3's own intervals do."""
     snd, rcv = emu.net[sender], emu.net[receiver]
-    server = snd.popen(["iperf3", "-s", "-1", "-p", str(port)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    emu.state.record_process(server.pid, role=f"iperf3 server {sender}")
+    intf = f"{receiver}-eth0"
+    procs = []
     try:
+        server = snd.popen(["iperf3", "-s", "-1", "-p", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        procs.append(server)
+        emu.state.record_process(server.pid, role=f"iperf3 server {sender}")
         for _ in range(100):
             if f":{port} " in snd.cmd("ss -ltnH"):
                 break
             time.sleep(0.05)
-        t0 = time.monotonic()
-        out = rcv.cmd(f"iperf3 -c {snd.IP()} -p {port} -R -J -i 0.25 -t {seconds:g} 2>/dev/null")
+        client = rcv.popen(
+            ["iperf3", "-c", snd.IP(), "-p", str(port), "-R", "-J", "-t", f"{seconds:g}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(client)
+        emu.state.record_process(client.pid, role=f"iperf3 client {receiver}")
+        samples = []
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end and client.poll() is None:
+            samples.append((time.monotonic(), rx_bytes(rcv.pid, intf)))
+            time.sleep(0.05)
+        out, _ = client.communicate(timeout=30)
+        assert "error" not in json.loads(out), out[-300:]
     finally:
-        if server.poll() is None:
-            server.terminate()
-        server.wait(timeout=10)
-    result = json.loads(out)
-    return [
-        {"t0": t0 + iv["sum"]["start"], "t1": t0 + iv["sum"]["end"],
-         "mbit": iv["sum"]["bits_per_second"] / 1e6}
-        for iv in result["intervals"]
-        if iv["sum"]["start"] >= 1.0 - 1e-6
-    ]  # fmt: skip
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=10)
+    windows = []
+    i = next(n for n, (t, _b) in enumerate(samples) if t >= samples[0][0] + 1.0)
+    for j in range(i + 1, len(samples)):
+        (t0, b0), (t1, b1) = samples[i], samples[j]
+        if t1 - t0 >= 0.25:
+            windows.append((t0, t1, (b1 - b0) * 8 / (t1 - t0) / 1e6))
+            i = j
+    return windows
 
 
 @pytest.mark.mininet
 @pytest.mark.parametrize("fmt", ["csv", "mahimahi"])
 def test_goodput_follows_the_trace_phases(tmp_path: Path, star_topo: Any, fmt: str) -> None:
-    """w1's down link follows 20 -> 2 -> 20 Mbit/s (4 s each, looping; 5 ms one way):
-    TCP goodput srv -> w1 in 0.25 s intervals, per phase occurrence (its first 1 s and
-    last 0.25 s left out: TCP adapts), has its median at 0.85-1.02 x the phase's rate
-    (payload / frames is 0.956 for the CSV rate on Ethernet frames, 0.965 for Mahimahi's
-    1500-byte IP packets; measured 19.1-19.3 and 1.90-1.95 Mbit/s). The median, because
-    BBR's ProbeRTT (every 10 s) empties one interval. The phases are found with rate_at
-    from the link's recorded trace start, as the analysis would."""
+    """w1's down link follows 20 -> 2 -> 20 Mbit/s (4 s each, looping; 5 ms one way)
+    while TCP (iperf3, BBR) saturates it srv -> w1. Measured in 0.25 s windows of what the
+    link delivered, per phase occurrence (its first 1 s and last 0.25 s left out: TCP
+    adapts): no window is faster than the phase's rate (+3 %), and the 75th percentile
+    reaches 0.85 of it (TCP goodput is 1448/1514 of these frames). Rates in frames: the
+    CSV rate counts Ethernet frames, a Mahimahi opportunity 1500 bytes of IP packet (1514
+    of frame). Measured here, 0.25 s windows: 19.9-20.2 and 1.96-2.02 Mbit/s of frames
+    (CSV), 20.1-20.3 and 2.00-2.06 (Mahimahi: 20 x 1514/1500 = 20.19); iperf3's TCP
+    goodput 19.1 / 1.90-1.95 and 19.3 / 1.90-1.95 on an idle machine. The phases are found
+    with rate_at from the link's recorded trace start, as the analysis would."""
     reason = _mininet_reason()
     if reason:
         pytest.skip(reason)
@@ -640,6 +672,7 @@ def test_goodput_follows_the_trace_phases(tmp_path: Path, star_topo: Any, fmt: s
 
     text = steps_csv(PHASES) if fmt == "csv" else mahimahi_lines(PHASES)
     trace = RateTrace.load(write(tmp_path, f"phases.{fmt}", text), fmt)
+    frame_factor = 1.0 if fmt == "csv" else 1514 / 1500
     spec = LinkSpec(
         up=DirectionParams(bw_mbit=20, delay_ms=5), down=DirectionParams(trace=trace, delay_ms=5)
     )
@@ -649,22 +682,24 @@ def test_goodput_follows_the_trace_phases(tmp_path: Path, star_topo: Any, fmt: s
         start = emu.trace_starts[("w1", "s1")]
         meta = emu.link_metadata()
         assert [m.get("trace_start_mono_s") for m in meta if m["node1"] == "w1"] == [start]
-        intervals = iperf_intervals(emu, "srv", "w1", 14.0, 5301)
+        windows = delivery_windows(emu, "srv", "w1", 14.0, 5301)
     finally:
         assert emu.teardown().clean
-    # group the intervals by phase occurrence: the trace's step at the interval, kept only
-    # if it lies wholly inside the step minus the margins
+    # group the windows by phase occurrence: the trace's step at the window, kept only if
+    # it lies wholly inside the step minus the margins
     by_phase: dict[tuple[int, float], list[float]] = {}
-    for iv in intervals:
-        a, b = iv["t0"] - start, iv["t1"] - start
+    for t0, t1, mbit in windows:
+        a, b = t0 - start, t1 - start
         k, pos = divmod(a, 4.0)
         if pos < 1.0 or pos + (b - a) > 3.75:
             continue
         want = rate_at(trace, (k + 0.5) * 4.0, window_s=1.0)
         assert rate_at(trace, a, window_s=b - a) == pytest.approx(want, rel=0.02)
-        by_phase.setdefault((int(k), want), []).append(iv["mbit"])
+        by_phase.setdefault((int(k), want), []).append(mbit / frame_factor)
     rates = sorted({round(w) for _k, w in by_phase})
     assert len(by_phase) >= 3 and rates == [2, 20], by_phase
     for (k, want), mbits in sorted(by_phase.items()):
-        median = statistics.median(mbits)
-        assert 0.85 * want <= median <= 1.02 * want, f"phase {k} ({want} Mbit/s): {mbits}"
+        high = statistics.quantiles(mbits, n=4)[2] if len(mbits) > 1 else mbits[0]
+        where = f"phase {k} ({want:g} Mbit/s): {[round(x, 2) for x in mbits]}"
+        assert max(mbits) <= 1.03 * want, where
+        assert high >= 0.85 * want, where
