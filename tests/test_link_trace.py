@@ -694,7 +694,8 @@ def test_goodput_follows_the_trace_phases(tmp_path: Path, star_topo: Any, fmt: s
         if pos < 1.0 or pos + (b - a) > 3.75:
             continue
         want = rate_at(trace, (k + 0.5) * 4.0, window_s=1.0)
-        assert rate_at(trace, a, window_s=b - a) == pytest.approx(want, rel=0.02)
+        # ~42 opportunities in a 2 Mbit/s window: +-1 of them is 2.4 %
+        assert rate_at(trace, a, window_s=b - a) == pytest.approx(want, rel=0.05)
         by_phase.setdefault((int(k), want), []).append(mbit / frame_factor)
     rates = sorted({round(w) for _k, w in by_phase})
     assert len(by_phase) >= 3 and rates == [2, 20], by_phase
