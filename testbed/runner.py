@@ -77,7 +77,10 @@ class Meta:
 def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
     """Constant columns for the tables: the parameters (effective, queues included) of every
     link, and the link backend. A host's access link is named by the host (`w1_up_bw_mbit`,
-    up = host -> switch), any other link by its nodes (`e1-s0_up_bw_mbit`, up = e1 -> s0)."""
+    up = host -> switch), any other link by its nodes (`e1-s0_up_bw_mbit`, up = e1 -> s0).
+    `w1_up_trace` names the trace a direction's rate follows ("" for none; its `bw_mbit`
+    is then ""): the rate at a moment comes from meta.json's `trace_start_mono_s` of the
+    link and testbed.linkparams.rate_at."""
     tags: dict[str, Any] = {"link_backend": emu.backend}
     hosts = {*workers, "srv"}
     for (a, b), spec in emu.links.items():
@@ -92,6 +95,7 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
             tags[f"{name}_{d}_jitter_ms"] = p.jitter_ms
             tags[f"{name}_{d}_loss_pct"] = p.loss_pct
             tags[f"{name}_{d}_queue_pkts"] = p.max_queue_size
+            tags[f"{name}_{d}_trace"] = p.trace.name if p.trace is not None else ""
     return tags
 
 

@@ -10,6 +10,7 @@ are ONE-WAY per direction.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SkipValidation, ValidationInfo, field_validator, model_validator
@@ -30,6 +31,7 @@ __all__ = [
     "ScenarioSpec",
     "Timeouts",
     "Topology",
+    "Trace",
     "TransmissionBlock",
 ]
 
@@ -46,9 +48,46 @@ Int = Annotated[int, Field(strict=True)]
 Seconds = Annotated[float, Field(ge=0.1, le=7 * 24 * 3600)]
 
 
+class Trace(StrictModel):
+    """A trace the rate follows (the tap backend only; see docs/link-emulation.md). The
+    trace clock starts when the network's links are built. The file is read and checked
+    when the scenario is: an error names the file and the line."""
+
+    format: Literal["mahimahi", "csv"]
+    """mahimahi: one millisecond timestamp per line, each a delivery opportunity for 1500
+    bytes; csv: steps `t_s, bw_mbit, delay_ms, loss_pct` (delay and loss optional)"""
+    loop: bool = True
+    """repeat the trace (its length: mahimahi's last timestamp, csv's last row's t_s);
+    false: after its end the last rate holds (csv: the last row; mahimahi: its mean rate)"""
+    start_s: Annotated[float, Field(ge=0, le=1e7)] = 0.0
+    """trace time (s) at which the trace clock starts"""
+    file: Annotated[str, Field(min_length=1)]
+    """the trace file: absolute, or relative to the scenario file's folder (stored resolved)"""
+
+    @field_validator("file")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        path = Path(v).expanduser()
+        if not path.is_absolute():
+            base = (info.context or {}).get("base_dir")
+            path = Path(base) / path if base is not None else path
+        from testbed.linkparams import RateTrace
+        from testbed.tapfwd import TraceError
+
+        fmt, loop = info.data.get("format"), info.data.get("loop", True)
+        if fmt is None:  # reported on `format`
+            return str(path.resolve())
+        try:
+            return RateTrace.load(path, fmt, loop).file
+        except TraceError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class Direction(StrictModel):
     """One direction of a link. A field left out inherits (from the link, then `default`);
-    `bw_mbit: null` means no rate limit."""
+    `bw_mbit: null` means no rate limit. `trace` and `bw_mbit` both set the rate: the one
+    given at the most specific place wins (an `up` block over the link, the link over
+    `default`); a trace and a bw_mbit other than null in one block is an error."""
 
     bw_mbit: Annotated[float, Field(ge=1e-3, le=1e5)] | None = None
     """rate in Mbit/s (10^6 bit/s of Ethernet frames); null = unlimited"""
@@ -60,6 +99,18 @@ class Direction(StrictModel):
     """+- uniform variation of the delay, ms (no reordering)"""
     queue_pkts: Annotated[int, Field(ge=1, le=10_000_000, strict=True)] | None = None
     """drop-tail queue limit in packets; null = twice the bandwidth-delay product (>= 64)"""
+    trace: Trace | None = None
+    """the rate (csv: also delay and loss per step) follows this trace instead of bw_mbit;
+    {file, format: mahimahi|csv, loop, start_s}; the tap backend only"""
+
+    @model_validator(mode="after")
+    def _rate_or_trace(self) -> Direction:
+        if self.trace is not None and self.bw_mbit is not None:
+            raise ValueError(
+                "give bw_mbit or trace, not both: the trace sets the rate "
+                "(bw_mbit given elsewhere, e.g. in default, is overridden by it)"
+            )
+        return self
 
 
 class Link(Direction):
