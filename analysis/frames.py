@@ -213,6 +213,9 @@ def _normalize(df: pd.DataFrame) -> pd.DataFrame:
         df["reconstruction"] = df["reconstruction"].fillna("none").astype(str)
     if "value_dtype" in df:
         df["value_dtype"] = df["value_dtype"].fillna("fp32").astype(str)
+    if "transmission" in df:  # runs from before the column existed: fixed-width indices
+        coding = df["index_coding"] if "index_coding" in df else pd.Series("fixed", df.index)
+        df["index_coding"] = coding.fillna("fixed").astype(str)
     if "warmup" in df:
         df["warmup"] = df["warmup"].fillna(False).astype(bool)
     for c in df.columns:
@@ -618,7 +621,10 @@ def load_results(
 
 
 #: A worker's own transmission in a round (per-worker settings): `worker_<name>` in rounds.
-WORKER_OWN = ("transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction")
+WORKER_OWN = (
+    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "index_coding",
+    "reconstruction",
+)  # fmt: skip
 
 
 def _rounds(raw: pd.DataFrame, requests: pd.DataFrame, notes: list[str]) -> pd.DataFrame:

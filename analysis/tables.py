@@ -523,13 +523,27 @@ def accepted_length_table(res: Results) -> pd.DataFrame:
 
 
 @cache
-def _transmission(mode: str, k: float, eps: float, vdt: str, ib: float) -> Transmission:
+def _transmission(
+    mode: str, k: float, eps: float, vdt: str, ib: float, coding: str = "fixed"
+) -> Transmission:
     def opt_int(x: float) -> int | None:
         return None if not math.isfinite(x) else int(x)
 
     return Transmission.of(
-        mode, opt_int(k), None if not math.isfinite(eps) else eps, vdt, opt_int(ib)
+        mode,
+        opt_int(k),
+        None if not math.isfinite(eps) else eps,
+        vdt,
+        opt_int(ib) if coding == "fixed" else None,
+        coding,
     )
+
+
+def formula_is_exact(value_dtype: str, index_coding: str) -> bool:
+    """Whether a message's size is a formula of (P, V, K) alone: format version 1 (fp32 or
+    fp16 values, fixed-width indices). Version 2 sizes depend on the data (delta codes,
+    quantized rows): their formula is an upper bound (docs/codecs.md)."""
+    return index_coding == "fixed" and not ValueDtype.parse(value_dtype).quantized
 
 
 def formula_up_bytes(
@@ -542,16 +556,19 @@ def formula_up_bytes(
     value_dtype: str,
     index_bytes: float,
     k_mean: float,
+    index_coding: str = "fixed",
 ) -> int:
     """The documented bytes of one VERIFY_REPLY frame (specfed.wire.reply_frame_bytes) around
     the codec's payload: full and top-K `Transmission.codec().encoded_size(P, V)`; adaptive
-    12 + 4P + sum_j K_j (index + value bytes) with sum_j K_j = P k_mean (docs/codecs.md)."""
-    if mode == "adaptive":
+    12 + 4P + sum_j K_j (index + value bytes) with sum_j K_j = P k_mean (docs/codecs.md).
+    For format-2 messages (see `formula_is_exact`) the codec's upper bound."""
+    coding = index_coding if isinstance(index_coding, str) and index_coding else "fixed"
+    if mode == "adaptive" and formula_is_exact(value_dtype, coding):
         ib = int(index_bytes)
         vb = ValueDtype.parse(value_dtype).nbytes
         payload = adaptive_header_bytes(p) + round(p * k_mean) * (ib + vb)
     else:
-        tr = _transmission(mode, k, epsilon, value_dtype, index_bytes)
+        tr = _transmission(mode, k, epsilon, value_dtype, index_bytes, coding)
         payload = tr.codec().encoded_size(p, v)
     return reply_frame_bytes(payload, request_id)
 
@@ -562,9 +579,10 @@ def bytes_rounds(res: Results) -> pd.DataFrame:
     if r.empty:
         return r
     r["P"] = r["n_drafted"].astype(int) + 1
+    codings = list(r["worker_index_coding"]) if "worker_index_coding" in r else ["fixed"] * len(r)
     r["formula_up"] = [
-        formula_up_bytes(rid, m, p, int(v), k, e, d, ib, km)
-        for rid, m, p, v, k, e, d, ib, km in zip(
+        formula_up_bytes(rid, m, p, int(v), k, e, d, ib, km, c)
+        for rid, m, p, v, k, e, d, ib, km, c in zip(
             r["request_id"],
             r["worker_transmission"],
             r["P"],
@@ -574,8 +592,12 @@ def bytes_rounds(res: Results) -> pd.DataFrame:
             r["worker_value_dtype"],
             r["worker_index_bytes"].astype(float),
             r["k_mean"].astype(float),
+            codings,
             strict=True,
         )
+    ]
+    r["formula_exact"] = [
+        formula_is_exact(d, c) for d, c in zip(r["worker_value_dtype"], codings, strict=True)
     ]
     return r
 

@@ -22,7 +22,8 @@ from tabulate import tabulate
 #: with the vocabulary size and the warm-up flag; rounds rows carry the worker's own
 #: transmission (per-worker settings) and the index width actually sent.
 POINT_COLUMNS = (
-    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction", "gamma",
+    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "index_coding",
+    "reconstruction", "gamma",
     "temperature", "vocab_size",
 )  # fmt: skip
 ROUND_COLUMNS = (

@@ -34,7 +34,7 @@ from specfed.messages import Transmission, VerifyReply, VerifyRequest
 from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 
 MAGIC = b"SPFD"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">I4sBBH")  # length, magic, version, type, reserved
 FRAME_OVERHEAD = HEADER.size  # 12 bytes per frame, body excluded
 DEFAULT_MAX_FRAME = 64 * 2**20  # bytes; a full fp32 round at V=151,936, gamma=16 is 10.3 MB

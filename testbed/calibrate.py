@@ -652,6 +652,16 @@ def bottleneck_mbit(
     return min(limited) if limited else None
 
 
+def traced(hops: list[tuple[tuple[str, str], LinkSpec]], forward: bool | None = None) -> bool:
+    """Whether a link of the path follows a trace, forward (a->b), back, or either (None).
+
+    Such a path's rate (and with a CSV trace its delay and loss) changes over time, so a
+    calibration cannot compare it with one configured figure: it is measured and recorded,
+    not judged (the trace itself is recorded with the run)."""
+    dirs = (True, False) if forward is None else (forward,)
+    return any((s.up if f else s.down).trace is not None for _k, s in hops for f in dirs)
+
+
 def path_loss(hops: list[tuple[tuple[str, str], LinkSpec]], forward: bool = True) -> float:
     """Fraction (0-1) of packets the configured loss drops along the path, forward
     (a->b) or back: 1 - prod(1 - loss of each link in that direction)."""
@@ -774,7 +784,9 @@ def calibrate_pair(
     duration_s: float = 2.0,
     warmup_s: float | None = None,
 ) -> LinkCalibration:
-    """Measure the path between hosts ``a`` and ``b`` and compare with the configuration:
+    """Measure the path between hosts ``a`` and ``b`` and compare with the configuration
+    (a path with a trace-driven link is measured and recorded, but its RTT, rate and loss
+    are not judged: they follow the trace, see :func:`traced`):
     RTT (median of ``pings`` ICMP probes), link rate each way (a UDP train of about
     ``train_s`` s, where the path has a rate limit) and loss each way (UDP probes).
 
@@ -801,8 +813,8 @@ def calibrate_pair(
         try:
             if rtt_why:
                 rtt = measure_rtt(ha, hb, count=pings, emu=emu)
-                rtt_why = judge_rtt(rtt, want_rtt, tol)[3]
-            if loss and (not losses or any(w for _c, w in losses)):
+                rtt_why = "" if traced(hops) else judge_rtt(rtt, want_rtt, tol)[3]
+            if loss and not traced(hops) and (not losses or any(w for _c, w in losses)):
                 count, interval = loss_probe_plan(hops)
                 ls = measure_loss(ha, hb, count=count, interval_s=interval, emu=emu)
                 losses = (
@@ -811,7 +823,7 @@ def calibrate_pair(
                 )
             for src, dst, fwd in ends if rate else ():
                 conf = bottleneck_mbit(hops, forward=fwd)
-                if conf is None or (fwd in rates and not rates[fwd][1]):
+                if conf is None or traced(hops, fwd) or (fwd in rates and not rates[fwd][1]):
                     continue
                 before, after = loss_around_bottleneck(hops, forward=fwd)
                 r = measure_rate(
@@ -836,6 +848,7 @@ def calibrate_pair(
             break
     assert rtt is not None
     err, limit, rtt_ok, _ = judge_rtt(rtt, want_rtt, tol)
+    rtt_ok = rtt_ok or traced(hops)  # a trace-driven path: measured, recorded, not judged
     problems = [w for w in (rtt_why, *(w for _c, w in losses)) if w]
     problems += [rates[f][1] for f in (True, False) if f in rates and rates[f][1]]
     results: list[Goodput] = []

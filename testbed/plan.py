@@ -91,8 +91,10 @@ def _path(topo: Any, per: dict[Any, Any], default: Any, a: str, b: str) -> tuple
         else:
             spec = default
         rtt += spec.rtt_ms
-        if spec.up.bw_mbit is not None:
-            bw = min(bw, spec.up.bw_mbit)
+        up = spec.up
+        rate = up.trace.mean_mbit if up.trace is not None else up.bw_mbit  # a trace: its mean
+        if rate is not None:
+            bw = min(bw, rate)
         node = x
     return rtt, bw
 

@@ -194,7 +194,7 @@ def test_tcp_settings_are_pinned_in_every_host(star: EmuNet) -> None:
             }
         }
         with pytest.raises(TcpConfigError, match="host a"):
-            configure_tcp([a], TcpSettings("no-such-cc"))
+            configure_tcp([a], TcpSettings("no_such_cc"))
     finally:
         configure_tcp([a])
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SkipValidation, ValidationInfo, field_validator, model_validator
 
 from specfed.config import StrictModel
-from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype
+from specfed.options import IndexCoding, LossPolicy, Mode, Reconstruction, ValueDtype
 from specfed.points import MAX_GAMMA
 
 __all__ = [
@@ -196,7 +196,11 @@ class TransmissionBlock(StrictModel):
     epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.01
     """adaptive: the mass left out per position (ignored by the other modes)"""
     value_dtype: ValueDtype = ValueDtype.FP32
-    """probability values on the wire: fp32 or fp16"""
+    """probability values on the wire: fp32, fp16, or (top-K and adaptive only) q8 / q4:
+    log-probabilities quantized per position, the kept mass sent exactly"""
+    index_coding: IndexCoding = IndexCoding.FIXED
+    """top-K indices on the wire: fixed (2-4 bytes), bitpack (ceil(log2 V) bits), or sorted
+    and delta-coded: delta-varint, delta-bitpack (ignored by full)"""
 
     @field_validator("k")
     @classmethod

@@ -53,6 +53,7 @@ REQUEST_PATHS = (
     "transmission.reconstruction",
     "transmission.epsilon",
     "transmission.value_dtype",
+    "transmission.index_coding",
 )
 SWEEP_SHORTHANDS = {
     "transmission": "transmission.mode",
@@ -189,7 +190,9 @@ def scenario_from_dict(raw: Any, source: str, path: Path | None = None) -> Scena
                 models[key] = expand_ranges(models[key], f"models.{key}", problems)
         raw["models"] = models
     try:
-        spec = ScenarioSpec.model_validate(raw)
+        # relative file paths in the scenario (link traces) are relative to its folder
+        base = (path or Path(source)).parent if (path or Path(source)).suffix else None
+        spec = ScenarioSpec.model_validate(raw, context={"base_dir": base})
     except ValidationError as exc:
         problems += validation_problems(exc, model=ScenarioSpec)
         spec = None
@@ -242,6 +245,7 @@ class ScenarioPoint:
             reconstruction=t.reconstruction,
             epsilon=t.epsilon,
             value_dtype=t.value_dtype,
+            index_coding=t.index_coding,
             point=self.index,
             rep=self.rep,
         )
