@@ -49,14 +49,18 @@ __all__ = [
 ]
 
 REQUIRED_FILES = ("requests.csv", "rounds.csv", "meta.json")
+#: Point columns added after runs were first written: absent means their default
+#: (index_coding: fixed-width indices).
+_LATER_POINT_COLUMNS = ("index_coding",)
+_POINT = tuple(c for c in POINT_COLUMNS if c not in _LATER_POINT_COLUMNS)
 #: Columns a requests.csv must hold to be analysed (logp_mean, events and tokens are optional).
 REQUIRED_REQUEST_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS, "seed",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *_POINT, "seed",
     "status", "new_tokens", "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance",
     "tokens_per_round", "bytes_up_total", "bytes_per_token",
 )  # fmt: skip
 REQUIRED_ROUND_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", *POINT_COLUMNS,
+    "run_id", "point", "rep", "request_id", "prompt_id", "round", "worker", *_POINT,
     "n_drafted", "n_accepted", "n_emitted", "bytes_up", "bytes_down", "t_draft_ms",
     "t_worker_ms", "t_net_ms", "t_call_ms", "t_verify_ms", "t_aggregate_ms", "t_round_ms",
     "eps_mean", "k_mean",
