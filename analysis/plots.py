@@ -795,3 +795,26 @@ __all__ = [
     "theme",
     "tradeoff",
 ]
+
+
+def rate_over_time(rates: pd.DataFrame, path: Path) -> Path:
+    """Trace-driven links: each traced direction's rate at every round's start (line) and
+    the round times (dots, one colour per transmission), against time since the first
+    round."""
+    keys = list(rates.groupby(["run", "link", "direction"]).groups)
+    fig, axs = plt.subplots(len(keys), 1, figsize=(8, 2.8 * len(keys)), squeeze=False)
+    for ax, key in zip(axs[:, 0], keys, strict=True):
+        part = rates[(rates.run == key[0]) & (rates.link == key[1]) & (rates.direction == key[2])]
+        part = part.sort_values("t_s")
+        ax.step(part["t_s"], part["rate_mbit"], where="post", color="0.3", label="link rate")
+        ax.set_ylabel("rate, Mbit/s")
+        ax.set_xlabel("time since the first round, s")
+        ax.set_title(f"{key[1]} {key[2]} ({part['trace'].iloc[0]}), run {key[0]}", fontsize=9)
+        right = ax.twinx()
+        for name, grp in part.groupby("transmission", dropna=False):
+            right.plot(grp["t_s"], grp["t_round_ms"], ".", label=f"round time, {name}")
+        right.set_ylabel("round time, ms")
+        handles = ax.get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper right")
+    return _save(fig, path)

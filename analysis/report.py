@@ -636,6 +636,21 @@ def write_report(
             )
         w.plot(lambda p: plots.bound(res, rt, p), "bound", "round time vs lower bound")
 
+    # ------------------------------------------------------------------ link traces
+    rates = T.link_rates(res)
+    if not rates.empty:
+        w("## Links that follow a trace", "")
+        w(
+            "The rate each trace-driven link direction had at the start of every round (from "
+            "the trace, its start time in meta.json and the rounds' `t_start_s`), with the "
+            "round times.",
+            "",
+        )
+        w.export("link_rates", rates)
+        w.plot(
+            lambda p: plots.rate_over_time(rates, p), "rate_over_time", "link rate and round time"
+        )
+
     # ------------------------------------------------------------------ frames
     w("## Exported tables", "")
     w.export("requests", res.requests)

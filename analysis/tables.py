@@ -765,3 +765,57 @@ TABLES: dict[str, Callable[[Results], pd.DataFrame]] = {
 def all_tables(res: Results) -> dict[str, pd.DataFrame]:
     """Every table of TABLES (empty ones included)."""
     return {name: fn(res) for name, fn in TABLES.items()}
+
+
+# ----------------------------------------------------------------------------- link traces
+
+
+def link_rates(res: Results) -> pd.DataFrame:
+    """For runs with trace-driven links: one row per (round, traced link direction) with
+    the rate the trace gave that direction at the round's start (`rate_mbit`), next to the
+    round's time. The round's start (`t_start_s`, monotonic clock) minus the link's trace
+    start (`trace_start_mono_s` in meta.json) is the trace time; `t_s` is seconds since the
+    run's first round. Empty when no link follows a trace (or for runs before t_start_s)."""
+    from testbed.linkparams import RateTrace, rate_at
+    from testbed.tapfwd import TraceError
+
+    rows: list[dict[str, Any]] = []
+    for run in res.runs:
+        r = run.rounds
+        if r.empty or "t_start_s" not in r:
+            continue
+        per_round = r.drop_duplicates(["request_id", "round"])
+        t0 = float(per_round["t_start_s"].min())
+        for g in run.meta.get("groups", []):
+            mine = per_round[
+                per_round["point"].isin(g.get("points", [])) & (per_round["rep"] == g.get("rep", 0))
+            ]
+            for link in g.get("links") or []:
+                start = link.get("trace_start_mono_s")
+                for d in ("up", "down"):
+                    summary = (link.get(d) or {}).get("trace")
+                    if start is None or not summary:
+                        continue
+                    try:
+                        trace = RateTrace.load(
+                            summary["file"], summary["format"], summary["loop"], summary["start_s"]
+                        )
+                    except (TraceError, OSError, KeyError):
+                        continue  # the trace file is gone: its summary stays in meta.json
+                    for _, x in mine.iterrows():
+                        rows.append(
+                            {
+                                "run": run.label,
+                                "link": f"{link['node1']}-{link['node2']}",
+                                "direction": d,
+                                "trace": summary.get("name"),
+                                "request_id": x["request_id"],
+                                "round": int(x["round"]),
+                                "point": int(x["point"]),
+                                "transmission": x.get("transmission"),
+                                "t_s": float(x["t_start_s"]) - t0,
+                                "rate_mbit": rate_at(trace, float(x["t_start_s"]) - start),
+                                "t_round_ms": float(x["t_round_ms"]),
+                            }
+                        )
+    return pd.DataFrame(rows)
