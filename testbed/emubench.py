@@ -1,7 +1,8 @@
 """Benchmarks of compute emulation (root, Mininet); each prints JSON.
 
-    python -m testbed.emubench fidelity [--scenario scenarios/demo.yaml] [--out DIR]
-        Run the scenario live, fit a device profile per role from that run's own records
+    python -m testbed.emubench fidelity [--scenario scenarios/demo.yaml] [--live-run DIR]
+        Run the scenario live (or take --live-run's live rows), fit a device profile per
+        role from that run's own records
         (its measured draft and verify times), replay the scenario with those profiles, and
         compare: the same tokens, ms/token per configuration (replay / live), and every
         replayed round against its analytic lower bound (profile compute + RTT + bytes/bw).
@@ -129,12 +130,18 @@ def _without_compute_sweep(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+#: What tells configurations apart across a live and a replayed run (point ids differ).
+CONFIG = [
+    "transmission", "k", "epsilon", "value_dtype", "index_coding", "reconstruction", "gamma",
+    "temperature",
+]  # fmt: skip
+
+
 def _per_config(requests: pd.DataFrame) -> pd.DataFrame:
     ok = requests[(requests.status == "ok") & ~requests.warmup.astype(bool)]
-    keys = ["transmission", "k", "reconstruction", "gamma"]
     return (
-        ok.fillna({"k": -1, "reconstruction": "-"})
-        .groupby(keys, dropna=False)
+        ok.fillna({c: "-" for c in CONFIG})
+        .groupby(CONFIG, dropna=False)
         .agg(ms_per_token=("ms_per_token", "mean"), n=("request_id", "count"))
         .reset_index()
     )
@@ -145,9 +152,13 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
 
     raw = _without_compute_sweep(load_yaml(args.scenario))
     t0 = time.monotonic()
-    live_dir = _run({**raw, "compute": {"mode": "live"}}, "emubench-live", args.out)
+    if args.live_run is not None:  # an earlier run's live rows (e.g. make demo's)
+        live_dir = args.live_run
+    else:
+        live_dir = _run({**raw, "compute": {"mode": "live"}}, "emubench-live", args.out)
     t_live = time.monotonic() - t0
     rounds = pd.read_csv(live_dir / "rounds.csv")
+    rounds = rounds[rounds.compute_mode == "live"]
     models = raw["models"]
     dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
     prov = make_provenance(sys.argv, notes=f"fitted from the live run {live_dir}")
@@ -166,9 +177,12 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     )
     t_replay = time.monotonic() - t1
     lq, rq = pd.read_csv(live_dir / "requests.csv"), pd.read_csv(replay_dir / "requests.csv")
-    same = lq.merge(rq, on=["point", "prompt_id"], suffixes=("_live", "_replay"))
-    keys = ["transmission", "k", "reconstruction", "gamma"]
-    cmp = _per_config(lq).merge(_per_config(rq), on=keys, suffixes=("_live", "_replay"))
+    lq = lq[lq.compute_mode == "live"]
+    same = lq.fillna({c: "-" for c in CONFIG}).merge(
+        rq.fillna({c: "-" for c in CONFIG}), on=[*CONFIG, "rep", "prompt_id"],
+        suffixes=("_live", "_replay"),
+    )  # fmt: skip
+    cmp = _per_config(lq).merge(_per_config(rq), on=CONFIG, suffixes=("_live", "_replay"))
     cmp["ratio"] = cmp.ms_per_token_replay / cmp.ms_per_token_live
     lb = lower_bounds(pd.read_csv(replay_dir / "rounds.csv"))
     return {
@@ -235,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fidelity", help="live vs replay with profiles fitted from the live run")
     f.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "demo.yaml")
+    f.add_argument(
+        "--live-run",
+        type=Path,
+        default=None,
+        help="use this run's live rows (compute_mode live; e.g. a `make demo` run of the same "
+        "scenario) instead of running the scenario live first",
+    )
     f.add_argument("--out", type=Path, default=REPO / "bench-results")
     s = sub.add_parser("scale", help="testbed overhead per round vs the number of workers")
     s.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "scale.yaml")
