@@ -129,6 +129,15 @@ def _request_seconds(point: ScenarioPoint, acceptance: float) -> tuple[float, bo
         rtt, up_bw = _path(topo, per, default, w, "srv")
         ser_ms = payload * 8 / (up_bw * 1e6) * 1e3 if math.isfinite(up_bw) else 0.0
         slowest = max(slowest, rtt + verify_ms + ser_ms)
+    # every reply also crosses the server's own access link, one after another
+    srv_in, srv_links = math.inf, [k for k in topo.links() if "srv" in k]
+    if srv_links:
+        a, b = srv_links[0]
+        spec = per.get("srv", per.get((a, b), default))
+        down = spec.down if a == "srv" or "srv" in per else spec.up
+        srv_in = down.bw_mbit if down.bw_mbit is not None else math.inf
+    shared_ms = len(s.models.workers) * payload * 8 / (srv_in * 1e6) * 1e3
+    slowest = max(slowest, shared_ms)
     rounds = math.ceil(s.decoding.max_new_tokens / tokens)
     return rounds * (draft_ms + slowest) / 1e3, complete
 
