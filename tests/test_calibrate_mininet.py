@@ -4,30 +4,19 @@ wrong link fails, a busy host does not fail a correct link. About a minute."""
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from tests.netenv import mininet_missing
+
 pytestmark = pytest.mark.mininet
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and TAP devices)"
-    try:
-        import mininet.net  # noqa: F401
-    except ImportError:
-        return "mininet is not importable (Debian package 'mininet')"
-    for tool in ("mnexec", "ip", "iperf3"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
+    return mininet_missing(("mnexec", "ip", "iperf3"))
 
 
 _reason = _skip_reason()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,22 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.netenv import mininet_missing
+
 pytestmark = pytest.mark.mininet
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and TAP devices)"
-    try:
-        import mininet.net  # noqa: F401
-    except ImportError:
-        return "mininet is not importable (Debian package 'mininet'; see docs/link-emulation.md)"
-    for tool in ("mnexec", "ip", "tc", "iperf3", "ping"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
+    return mininet_missing(("mnexec", "ip", "tc", "iperf3", "ping"))
 
 
 _reason = _skip_reason()

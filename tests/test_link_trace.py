@@ -9,10 +9,8 @@ Every trace is generated here (Mahimahi is not packaged in this Debian release).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from testbed.tapfwd import (
     parse_mahimahi,
     parse_steps,
 )
+from tests.netenv import mininet_missing
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = bytes(VNET_HDR_LEN)  # virtio_net_hdr of a plain (non-GSO) frame
@@ -565,18 +564,7 @@ def test_records_name_the_trace_and_its_start(tmp_path: Path) -> None:
 
 
 def _mininet_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and TAP devices)"
-    try:
-        import mininet.net  # noqa: F401
-    except ImportError:
-        return "mininet is not importable"
-    for tool in ("mnexec", "ip", "iperf3"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
+    return mininet_missing(("mnexec", "ip", "iperf3"))
 
 
 @pytest.fixture
