@@ -145,17 +145,34 @@ def _note(ax: Axes, text: str) -> None:
     )  # fmt: skip
 
 
+def _moves_with(table: pd.DataFrame, column: str, axis: str) -> bool:
+    """Whether `column` and the plotted `axis` determine each other (e.g. the swept
+    `links.default.bw_mbit` and the path bottleneck it sets): then it is the axis itself,
+    not a setting to split panels by."""
+    if axis not in table or column == axis:
+        return column == axis
+    pair = table[[column, axis]].astype(str)
+    return bool(
+        (pair.groupby(axis)[column].nunique() <= 1).all()
+        and (pair.groupby(column)[axis].nunique() <= 1).all()
+    )
+
+
 def facets(
-    res: Results, table: pd.DataFrame, exclude: Sequence[str] = ()
+    res: Results, table: pd.DataFrame, exclude: Sequence[str] = (), axis: str | None = None
 ) -> list[tuple[str, pd.DataFrame]]:
     """Sub-tables per value of the settings that vary in `table`, `exclude`d columns aside
-    (those an axis plots) and the recorded queue sizes (derived from the bandwidth-delay
-    product, they move with the links; a swept `links.*.queue_pkts` still splits); titled
-    'col=value, ...' ('' if none varies)."""
+    (those an axis plots, and with `axis` every setting that moves one to one with it),
+    and the recorded queue sizes (derived from the bandwidth-delay product, they move with
+    the links; a swept `links.*.queue_pkts` still splits); titled 'col=value, ...' ('' if
+    none varies)."""
     cols = [
         c
         for c in res.settings
-        if c not in exclude and c in table and not (c.endswith("_queue_pkts") and "." not in c)
+        if c not in exclude
+        and c in table
+        and not (c.endswith("_queue_pkts") and "." not in c)
+        and not (axis is not None and _moves_with(table, c, axis))
     ]
     cols = minimal_columns(table, [c for c in cols if table[c].nunique(dropna=False) > 1])
     if not cols:
@@ -260,7 +277,7 @@ def vs_axis(
     """One line per configuration of `table`'s mean vs `axis`, one panel per setting of
     the other settings (and per baseline, if the table has one)."""
     rows = list(dict.fromkeys(table["baseline"])) if "baseline" in table else [None]
-    cols = facets(res, table, axis.related)
+    cols = facets(res, table, axis.related, axis.column)
     ncols = len(cols)
     fig, axs = plt.subplots(
         len(rows), ncols, figsize=(5.6 * ncols + 2.8, 4.3 * len(rows)), squeeze=False

@@ -238,6 +238,16 @@ def _own(r: pd.DataFrame, what: str) -> np.ndarray:
     return out
 
 
+#: TCP payload bytes per full-sized segment, and the TCP/IP/Ethernet header bytes around it:
+#: a link's rate counts Ethernet frames, a record counts the frames' TCP payload.
+TCP_SEGMENT_BYTES, SEGMENT_HEADER_BYTES = 1448, 66
+
+
+def wire_bytes(payload: np.ndarray) -> np.ndarray:
+    """Bytes a TCP payload takes on an emulated link: every segment adds 66 header bytes."""
+    return payload + SEGMENT_HEADER_BYTES * np.maximum(1.0, np.ceil(payload / TCP_SEGMENT_BYTES))
+
+
 def critical_path(res: Results) -> pd.DataFrame:
     """One row per (run, request, round) of ok requests: the critical-path breakdown and the
     analytic lower bound.
@@ -254,8 +264,11 @@ def critical_path(res: Results) -> pd.DataFrame:
     t_verify - t_aggregate (>= 0: building the requests, emitting the tokens). They add up
     to t_round.
 
-    Lower bound (ms): t_draft + max over workers of (RTT_w + 8 bytes_up / bw_up_w + 8
-    bytes_down / bw_down_w + t_worker_w + t_decode_w) + t_aggregate, with RTT_w the
+    Lower bound (ms), bytes counted on the wire (`wire_bytes`: TCP/IP/Ethernet headers of
+    every segment): t_draft + max(max over workers of (RTT_w + 8 bytes_up / bw_up_w + 8
+    bytes_down / bw_down_w + t_worker_w + t_decode_w), the earliest a reply can start plus
+    every reply serialized on the server's own access link: min_w(RTT_w + 8 bytes_down /
+    bw_down_w + t_worker_w) + sum_w 8 bytes_up_w / bw_srv_in) + t_aggregate, with RTT_w the
     measured calibration RTT of the worker's path (else the configured path RTT) and
     bw_up_w / bw_down_w the bottleneck bandwidth of its path towards / from srv.
     """
@@ -279,12 +292,27 @@ def critical_path(res: Results) -> pd.DataFrame:
     r["rtt_source"] = np.where(np.isnan(measured), "configured", "measured")
     bw_up = np.nan_to_num(_own(r, "path_bw_up_mbit"), nan=np.inf)
     bw_down = np.nan_to_num(_own(r, "path_bw_down_mbit"), nan=np.inf)
+    up = wire_bytes(r["bytes_up"].to_numpy(dtype=float))
+    down = wire_bytes(r["bytes_down"].to_numpy(dtype=float))
     r["worker_bound_ms"] = (
         np.nan_to_num(r["rtt_ms"].to_numpy(dtype=float))
-        + r["bytes_up"].to_numpy(dtype=float) * 8 / (bw_up * 1e3)
-        + r["bytes_down"].to_numpy(dtype=float) * 8 / (bw_down * 1e3)
+        + up * 8 / (bw_up * 1e3)
+        + down * 8 / (bw_down * 1e3)
         + r["t_worker_ms"].to_numpy(dtype=float)
         + r["t_decode_ms"].to_numpy(dtype=float)
+    )
+    # every reply also crosses the server's own access link (switch -> srv), one after
+    # another: the round cannot end before the first reply could start plus all of them
+    srv_in = (
+        pd.to_numeric(r["srv_down_bw_mbit"], errors="coerce").to_numpy(dtype=float)
+        if "srv_down_bw_mbit" in r
+        else np.full(len(r), np.nan)
+    )
+    r["srv_in_ms"] = up * 8 / (np.nan_to_num(srv_in, nan=np.inf) * 1e3)
+    r["worker_start_ms"] = (
+        np.nan_to_num(r["rtt_ms"].to_numpy(dtype=float))
+        + down * 8 / (bw_down * 1e3)
+        + r["t_worker_ms"].to_numpy(dtype=float)
     )
     keys = ["run", "request_id", "round"]
     crit = r.loc[r.groupby(keys, sort=False)["t_done_ms"].idxmax()].set_index(keys)
@@ -292,8 +320,14 @@ def critical_path(res: Results) -> pd.DataFrame:
         bytes_up=("bytes_up", "sum"),
         bytes_down=("bytes_down", "sum"),
         max_worker_bound_ms=("worker_bound_ms", "max"),
+        first_start_ms=("worker_start_ms", "min"),
+        shared_in_ms=("srv_in_ms", "sum"),
         n_workers=("worker", "size"),
     )
+    per["max_worker_bound_ms"] = np.maximum(
+        per["max_worker_bound_ms"], per["first_start_ms"] + per["shared_in_ms"]
+    )
+    per = per.drop(columns=["first_start_ms", "shared_in_ms"])
     req_cols = [
         c for c in res.requests.columns if c in crit.columns and c not in ("run", "request_id")
     ]
