@@ -412,7 +412,8 @@ def k_for_budget(
     if up_mbit is None:
         return k_max
     budget_bytes = budget_ms * up_mbit * 1e3 / 8  # Mbit/s = 1e3 bit per ms
-    k = math.floor((budget_bytes - reply_overhead_bytes()) / (n_positions * entry_bytes))
+    room = (budget_bytes - reply_overhead_bytes()) / (n_positions * entry_bytes)
+    k = math.floor(room + 1e-9)  # a budget that fits K exactly must give K despite round-off
     return max(k_min, min(k_max, k))
 
 
