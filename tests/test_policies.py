@@ -478,8 +478,12 @@ class DyingWorker(SlowWorker):
 @pytest.mark.parametrize("policy", ["continue", "fail"])
 def test_a_late_call_that_fails_is_a_loss(tiny_family, policy):
     draft, w1, w2 = tiny_family
+    # w1 takes 40 ms a round: the request outlasts w2's 200 ms late call, whose failure is
+    # then noticed mid-request (one noticed after the last round is only an event)
     gen = FederatedGenerator(
-        draft, [LocalWorker("w1", w1), DyingWorker(LocalWorker("w2", w2), die=0)],
+        draft,
+        [SlowWorker(LocalWorker("w1", w1), lambda r: 0.04),
+         DyingWorker(LocalWorker("w2", w2), die=0)],
         transmissions=TOPK, aggregation=AggregationSpec(quorum=1), on_worker_loss=policy,
     )  # fmt: skip
     if policy == "fail":
@@ -489,3 +493,129 @@ def test_a_late_call_that_fails_is_a_loss(tiny_family, policy):
     res = gen.generate(PROMPT, 30, seed=0)
     assert len(res.tokens) == 30
     assert any("lost w2" in e for e in res.events)
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+SCENARIO = """
+name: pol
+topology: {name: star, params: {n_workers: 2}}
+links:
+  default: {bw_mbit: 100, delay_ms: 1}
+  w1: {bw_mbit: 20, delay_ms: 20}
+  w2: {delay_ms: 50, up: {bw_mbit: 5}, down: {bw_mbit: 50}}
+models: {draft: tiny-v64-s1, workers: {w1: tiny-v64-s2, w2: tiny-v64-s3}}
+transmission: {mode: topk, k: 64}
+"""
+
+
+def scenario(tmp_path, extra: str = "", *overrides: str):
+    from testbed.scenario import load_scenario
+
+    path = tmp_path / "pol.yaml"
+    path.write_text(SCENARIO + extra)
+    return load_scenario(path, overrides)
+
+
+def problems(tmp_path, extra: str = "", *overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        scenario(tmp_path, extra, *overrides)
+    return str(err.value)
+
+
+def test_scenario_policies_expand_into_one_network(tmp_path):
+    from testbed.scenario import expand, group_points
+
+    sc = scenario(
+        tmp_path,
+        "sweep:\n"
+        "  - {k: [64]}\n"
+        "  - {k: [auto], k_budget_ms: [2, 8], transmission.k_source: [link, observed]}\n"
+        "  - {gamma_policy: [heuristic, cost], decoding.gamma_max: [8]}\n"
+        "  - {quorum: [1]}\n"
+        "  - {deadline_ms: [300]}\n"
+        "  - {aggregation: [{wait: all}, {quorum: 2}]}\n",
+    )
+    points = expand(sc)
+    assert len(group_points(points)) == 1  # policies are per-request options
+    labels = [p.request.label for p in points]
+    assert len(labels) == len(set(labels)) == 1 + 4 + 2 + 1 + 1 + 1  # wait: all == [64]
+    auto = [p.request for p in points if p.request.k_auto is not None]
+    assert {(a.k_auto.budget_ms, a.k_auto.source) for a in auto} == {  # type: ignore[union-attr]
+        (2.0, "link"), (8.0, "link"), (2.0, "observed"), (8.0, "observed"),
+    }  # fmt: skip
+    links = auto[0].k_auto.links  # type: ignore[union-attr]
+    # w1: 20 Mbit/s, RTT 2 x 20 + 2 x 1; w2: 5 Mbit/s up, RTT 2 x 50 + 2 x 1
+    assert links["w1"].up_mbit == pytest.approx(20 * 1448 / 1514)
+    assert links["w2"].up_mbit == pytest.approx(5 * 1448 / 1514)
+    assert (links["w1"].rtt_ms, links["w2"].rtt_ms, links["w2"].source) == (42, 102, "configured")
+    gammas = [p.request.gamma_policy for p in points if p.request.gamma_policy.policy != "fixed"]
+    assert {g.gamma_max for g in gammas} == {8}
+
+
+def test_scenario_policy_errors_name_the_field(tmp_path):
+    msg = problems(tmp_path, "", "transmission.k=auto")
+    assert "transmission.k_budget_ms: k: auto needs k_budget_ms" in msg
+    msg = problems(tmp_path, "", "transmission.mode=adaptive", "transmission.k=auto")
+    assert "transmission.k: auto is link-aware top-K" in msg
+    msg = problems(tmp_path, "aggregation: {quorum: 3}\n")
+    assert "aggregation.quorum: 3 exceeds the 2 workers" in msg
+    msg = problems(tmp_path, "aggregation: {quorum: 1, deadline_ms: 5}\n")
+    assert "aggregation: give one of wait: all, quorum: M or deadline_ms: D" in msg
+    msg = problems(tmp_path, "", "decoding.gamma=0", "decoding.gamma_policy=heuristic")
+    assert "decoding.gamma_policy: heuristic needs gamma >= 1" in msg
+    msg = problems(tmp_path, "", "decoding.gamma_policy=cost", "decoding.gamma_max=2")
+    assert "decoding.gamma_max: gamma 4 must lie in gamma_min..gamma_max = 1..2" in msg
+    msg = problems(tmp_path, "", "transmission.k_min=9", "transmission.k_max=8")
+    assert "transmission.k_max: k_max 8 is below k_min 9" in msg
+
+
+def test_scenario_replay_refuses_timing_dependent_policies(tmp_path):
+    replay = "compute: {mode: replay, profiles: recorded}\n"
+    scenario(tmp_path, replay, "decoding.gamma_policy=heuristic", "transmission.k=auto",
+             "transmission.k_budget_ms=5")  # fmt: skip
+    for override, field in [
+        ("decoding.gamma_policy=cost", "decoding.gamma_policy"),
+        ("aggregation.deadline_ms=100", "aggregation.deadline_ms"),
+        ("aggregation.quorum=1", "aggregation.quorum"),
+    ]:
+        msg = problems(tmp_path, replay, override)
+        assert f"{field}: " in msg and "use compute.mode: live" in msg
+    msg = problems(
+        tmp_path, replay, "transmission.k=auto", "transmission.k_budget_ms=5",
+        "transmission.k_source=observed",
+    )  # fmt: skip
+    assert "transmission.k_source: observed chooses K" in msg
+    # in a sweep: refused when the points are expanded, named with the point
+    from testbed.scenario import expand
+
+    with pytest.raises(ConfigError) as err:
+        expand(scenario(tmp_path, replay + "sweep: {quorum: [1]}\n"))
+    assert "aggregation.quorum" in str(err.value) and "sweep point" in str(err.value)
+
+
+def test_calibrated_estimates_from_the_runner():
+    from testbed.runner import calibrated_estimates
+
+    cal = [
+        {"a": "w1", "b": "srv", "rtt": {"mean_ms": 42.1},
+         "goodput": [{"src": "w1", "dst": "srv", "mbit": 19.1},
+                     {"src": "srv", "dst": "w1", "mbit": 19.0}]},
+        {"a": "w2", "b": "srv", "rtt": {"mean_ms": 102.3}, "goodput": []},
+    ]  # fmt: skip
+    est = calibrated_estimates(cal)
+    assert est["w1"] == LinkEstimate(up_mbit=19.1, rtt_ms=42.1, source="calibrated")
+    assert est["w2"].up_mbit is None and est["w2"].rtt_ms == 102.3
+
+
+def test_sweep_keeps_inherited_link_fields(tmp_path):
+    """A direction override keeps the delay its link block gives, in every sweep point (the
+    expanded points are re-validated from the scenario's data)."""
+    from testbed.scenario import build_topology, expand, link_specs
+
+    sc = scenario(tmp_path, "sweep: {quorum: [1, 2]}\n")
+    for s in (sc, *(p.scenario for p in expand(sc))):
+        topo = build_topology(s)
+        _, per = link_specs(s.spec.links, topo.hosts(), topo.links(), "star")
+        assert (per["w2"].up.delay_ms, per["w2"].up.bw_mbit) == (50.0, 5.0)
+        assert (per["w2"].down.delay_ms, per["w2"].down.bw_mbit) == (50.0, 50.0)

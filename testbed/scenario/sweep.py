@@ -98,8 +98,15 @@ class Scenario:
 
     @property
     def data(self) -> dict[str, Any]:
-        """Every field, defaults filled in, as plain YAML/JSON values."""
-        return self.spec.model_dump(mode="json")
+        """Every field, defaults filled in, as plain YAML/JSON values; except links, which
+        keep only the fields given: a link field left out inherits (from the link's block,
+        then `default`), so filling in defaults would change what it inherits (a `w2:
+        {delay_ms: 50, up: {bw_mbit: 5}}` would lose its up delay after a sweep)."""
+        data = self.spec.model_dump(mode="json")
+        data["links"] = {
+            k: v.model_dump(mode="json", exclude_unset=True) for k, v in self.spec.links.items()
+        }
+        return data
 
     def get(self, path: str) -> Any:
         """The value at a dotted path (e.g. 'links.w1.bw_mbit'), as plain data."""
