@@ -191,3 +191,40 @@ def test_replay_refuses_timing_dependent_points(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert rec.returncode == 2 and "aggregation.deadline_ms" in rec.stderr
+
+
+def test_policybench_fidelity_and_claim(run, tmp_path):
+    """The benchmark's tables from a run folder: full is the reference (L1 0, identical 1),
+    a round without w2 aggregates far from the ensemble, every L1 lies in [0, 2]."""
+    import shutil
+
+    import yaml
+
+    from testbed.policybench import dominance, fidelity_table, point_table
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    scenario = {
+        "models": {"draft": DRAFT, "workers": {"w1": W1, "w2": W2},
+                   "weights": {"w1": 0.5, "w2": 0.5}, "dtype": "fp32"},
+        "decoding": {"prompts": "ids:1,2,3,4"},
+    }  # fmt: skip
+    (d / "scenario.yaml").write_text(yaml.safe_dump(scenario))
+    # a full-transmission request for the reference: the wait-all point's row, retyped
+    req = d / "requests.csv"
+    rows = _rows(req)
+    full = dict(_by_point(rows, 1)[0], point="9", transmission="full", k="", request_id="full")
+    with req.open("a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=list(rows[0])).writerow(full)
+    fid = fidelity_table(d, log=lambda _m: None).set_index("request_id")
+    ids = {int(r["point"]): r["request_id"] for r in rows}
+    assert fid.loc["full", "l1"] == 0 and fid.loc["full", "identical"] == 1
+    assert fid.loc[ids[1], "identical"] == 1  # the same tokens as the retyped copy
+    for p in (0, 1, 2, 3):
+        assert 0 < fid.loc[ids[p], "l1"] <= 2
+    assert fid.loc[ids[0], "l1"] > fid.loc[ids[1], "l1"]  # w2 dropped: half the ensemble gone
+    table = point_table(d, fid.reset_index())
+    assert set(table.policy) == {"topk16 quorum1", "topk16", "topk16 deadline100ms",
+                                 "auto2ms+heuristic", "full"}  # fmt: skip
+    claim = dominance(table, "topk16")
+    assert "topk16 quorum1" not in claim["dominate_by_means"]  # faster, but far less faithful
