@@ -9,8 +9,9 @@
         (heuristic; live also cost-based) with top-64 and with link-aware K, and full
         transmission (the fidelity reference, per gamma policy). Writes the run folder,
         policies.json (per point: ms/token, tokens/round, fidelity, with 95 % confidence
-        intervals over repetitions), pareto.png (ms/token vs each fidelity measure) and
-        gamma.png (adaptive vs fixed gamma = 4: tokens per round, ms/token).
+        intervals: timings over repetitions, fidelity over prompts), pareto.png (ms/token
+        vs each fidelity measure) and gamma.png (adaptive vs fixed gamma = 4: tokens per
+        round, ms/token).
 
     python -m testbed.policybench stragglers [--models qwen|tiny] [--link slow|lossy]
         [--deadlines 300] [--reps 3] [--out DIR]
@@ -376,31 +377,35 @@ def _ci(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), half
 
 
+#: Measures that vary with timing: their confidence intervals are over repetitions (each
+#: repetition's mean over its prompts). The others are fixed by the prompts and seeds for
+#: content-only policies (every repetition repeats them), so their intervals are over
+#: prompts (each prompt's mean over its repetitions).
+TIMED = ("ms_per_token", "tokens_per_round", "acceptance", "bytes_per_token", "gamma_mean",
+         "dropped_replies")  # fmt: skip
+CONTENT = ("identical", "dlogp", "l1")
+
+
 def point_table(run_dir: Path, fidelity: pd.DataFrame) -> pd.DataFrame:
-    """Per policy: means and 95 % confidence half-widths over repetitions (each repetition's
-    mean over its prompts; warm-up requests left out of the timings)."""
+    """Per policy: means and 95 % confidence half-widths (timings over repetitions, fidelity
+    over prompts; warm-up requests left out of ms/token unless a policy has no other)."""
     _, requests, rounds = _load_run(run_dir)
     df = requests.merge(fidelity, on="request_id", how="left")
     gam = rounds.groupby("request_id").gamma.mean().rename("gamma_mean")
     df = df.merge(gam, left_on="request_id", right_index=True, how="left")
     out = []
     for policy, g in df.groupby("policy", sort=False):
-        row: dict[str, Any] = {"policy": policy, "requests": len(g), "reps": g.rep.nunique()}
+        row: dict[str, Any] = {
+            "policy": policy, "requests": len(g), "reps": g.rep.nunique(),
+            "prompts": g.prompt_id.nunique(),
+        }  # fmt: skip
         timed = g[~g.warmup.astype(bool)]
-        for col, frame in (
-            ("ms_per_token", timed),
-            ("tokens_per_round", g),
-            ("acceptance", g),
-            ("bytes_per_token", g),
-            ("gamma_mean", g),
-            ("dropped_replies", g),
-            ("identical", g),
-            ("dlogp", g),
-            ("l1", g),
-        ):
-            per_rep = frame.groupby("rep")[col].mean()
-            mean, half = _ci(per_rep.to_list())
-            row[col], row[f"{col}_ci"] = mean, half
+        row["timing_includes_warmup"] = timed.empty
+        for col in TIMED:
+            frame = g if timed.empty or col != "ms_per_token" else timed
+            row[col], row[f"{col}_ci"] = _ci(frame.groupby("rep")[col].mean().to_list())
+        for col in CONTENT:
+            row[col], row[f"{col}_ci"] = _ci(g.groupby("prompt_id")[col].mean().to_list())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -488,12 +493,17 @@ def gamma_plot(table: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = table[
-        table.policy.str.contains(r"\+(heuristic|cost)$")
+        table.policy.str.contains(r"\+(?:heuristic|cost)$")
         | table.policy.isin([REFERENCE, "full"])
         | table.policy.str.match(r"^auto[0-9.]+ms$")
     ]
     rows = rows[rows.policy.map(lambda s: s.split("+")[0]).isin(
         {p.split("+")[0] for p in table.policy if "+" in p})]  # fmt: skip
+    order = {"fixed": 0, "heuristic": 1, "cost": 2}
+    rows = rows.assign(
+        _base=rows.policy.map(lambda s: s.split("+")[0]),
+        _g=rows.policy.map(lambda s: order.get(s.split("+")[1] if "+" in s else "fixed", 3)),
+    ).sort_values(["_base", "_g"])
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for ax, col, label in (
         (axs[0], "tokens_per_round", "tokens per round"),
