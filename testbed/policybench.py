@@ -245,8 +245,8 @@ def _tokens(cell: Any) -> list[int]:
 
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     scenario = yaml.safe_load((run_dir / "scenario.yaml").read_text())
-    requests = pd.read_csv(run_dir / "requests.csv", dtype={"tokens": str})
-    rounds = pd.read_csv(run_dir / "rounds.csv")
+    requests = pd.read_csv(run_dir / "requests.csv", dtype={"tokens": str}, low_memory=False)
+    rounds = pd.read_csv(run_dir / "rounds.csv", low_memory=False)
     requests = requests[requests.status == "ok"].copy()
     requests["policy"] = requests.apply(policy_label, axis=1)
     return scenario, requests, rounds
