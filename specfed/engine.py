@@ -536,22 +536,26 @@ class FederatedGenerator:
             return replies, lost, {}
         t0 = time.perf_counter()
         pending = {i: self.lanes[i].submit(self._call, i, r) for i, r in requests.items()}
-        while True:
-            for i, fut in list(pending.items()):
-                if fut.done():
-                    del pending[i]
-                    try:
-                        replies[i] = fut.result()
-                    except WorkerLost as exc:
-                        lost[i] = exc.reason
-            elapsed_ms = (time.perf_counter() - t0) * 1e3
-            if self.aggregation.enough(len(replies), len(pending), elapsed_ms):
-                return replies, lost, pending
-            wait(
-                pending.values(),
-                timeout=self.aggregation.wait_s(elapsed_ms),
-                return_when=FIRST_COMPLETED,
-            )
+        try:
+            while True:
+                for i, fut in list(pending.items()):
+                    if fut.done():
+                        del pending[i]
+                        try:
+                            replies[i] = fut.result()
+                        except WorkerLost as exc:
+                            lost[i] = exc.reason
+                elapsed_ms = (time.perf_counter() - t0) * 1e3
+                if self.aggregation.enough(len(replies), len(pending), elapsed_ms):
+                    return replies, lost, pending
+                wait(
+                    pending.values(),
+                    timeout=self.aggregation.wait_s(elapsed_ms),
+                    return_when=FIRST_COMPLETED,
+                )
+        except BaseException:  # any other failure: let the other calls end before it spreads
+            wait(pending.values())
+            raise
 
     def _worker_row(
         self,

@@ -619,3 +619,27 @@ def test_sweep_keeps_inherited_link_fields(tmp_path):
         _, per = link_specs(s.spec.links, topo.hosts(), topo.links(), "star")
         assert (per["w2"].up.delay_ms, per["w2"].up.bw_mbit) == (50.0, 5.0)
         assert (per["w2"].down.delay_ms, per["w2"].down.bw_mbit) == (50.0, 50.0)
+
+
+def test_points_file_and_server_options_carry_the_policies(tmp_path):
+    from specfed.points import read_points, write_points
+    from specfed.server import parse_args, points_from_args
+
+    args = parse_args(
+        ["--draft", "d", "--workers", "127.0.0.1:1,127.0.0.1:2", "--out", str(tmp_path),
+         "--transmission", "topk", "--k", "auto,64", "--k-budget-ms", "4", "--k-max", "512",
+         "--gamma-policy", "fixed,heuristic", "--gamma-max", "8",
+         "--aggregation", "all,quorum:1,deadline:250"]
+    )  # fmt: skip
+    points = points_from_args(args)
+    assert len(points) == 2 * 2 * 3
+    labels = {p.label for p in points}
+    assert "topk-auto(4ms,1-512,link) renormalize g=heuristic:4 T=1.0 deadline250ms" in labels
+    assert "topk64 renormalize g=4 T=1.0 quorum1" in labels
+    path = tmp_path / "points.json"
+    write_points(path, points)
+    assert read_points(path) == points
+    bad = parse_args(["--draft", "d", "--workers", "h:1", "--out", str(tmp_path), "--k", "8",
+                      "--transmission", "topk", "--aggregation", "first:2"])  # fmt: skip
+    with pytest.raises(ValueError, match="unknown aggregation 'first:2'"):
+        points_from_args(bad)
