@@ -1,8 +1,8 @@
 """Benchmarks of the policies (root, Mininet): each run writes JSON and plots.
 
     python -m testbed.policybench pareto --setting demo|demo-trace|star32 [--models qwen|tiny]
-        [--reps 3] [--prompts "humaneval[:2]"] [--max-new-tokens 32] [--budgets 1,4,16]
-        [--w2-link YAML] [--set PATH=VALUE ...] [--out DIR]
+        [--compute live|replay] [--reps 3] [--prompts "humaneval[:2]"] [--max-new-tokens 32]
+        [--budgets 1,4,16] [--w2-link YAML] [--set PATH=VALUE ...] [--out DIR]
         One point per policy on one setting, same prompts and coupled seeds: the paper's
         fixed top-64 (the reference), fixed top-16 / top-256, link-aware K at each upload
         budget (from the link; live also from observed throughput), adaptive gamma
@@ -590,6 +590,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", default="demo", choices=["demo", "demo-trace", "star32"])
     p.add_argument("--w2-link", default=None, help="demo-trace: w2's link block (YAML)")
     p.add_argument("--budgets", default="1,4,16", help="k: auto upload budgets, ms")
+    p.add_argument(
+        "--compute",
+        default=None,
+        choices=["live", "replay"],
+        help="demo settings: live (default; every policy) or replay with the recorded compute "
+        "(the content-only policies; compute then does not suffer the host's contention); "
+        "star32 always replays",
+    )
     s = sub.add_parser("stragglers", help="quorum / deadline vs wait for all (live)")
     s.add_argument("--link", default="slow", choices=["slow", "lossy"])
     s.add_argument("--deadlines", default="300", help="deadline_ms values, comma-separated")
@@ -614,9 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "pareto":
         w2 = parse_yaml_text(args.w2_link, "--w2-link") if args.w2_link else None
         raw = setting_scenario(args.setting, args.models, prompts, args.max_new_tokens, w2)
+        if args.compute == "replay":
+            raw["compute"] = {"mode": "replay", "profiles": "recorded"}
         live = raw.get("compute", {}).get("mode", "live") == "live"
         raw["sweep"] = policy_sweep(live, [float(b) for b in args.budgets.split(",")])
-        name, kind = f"policies-{args.setting}-{args.models}", "policies"
+        mode = "live" if live else "replay"
+        name, kind = f"policies-{args.setting}-{args.models}-{mode}", "policies"
     else:
         raw = straggler_scenario(
             args.models, args.link, [float(d) for d in args.deadlines.split(",")]
