@@ -2,7 +2,8 @@
 
     python -m testbed.policybench pareto --setting demo|demo-trace|star32 [--models qwen|tiny]
         [--compute live|replay] [--reps 3] [--prompts "humaneval[:2]"] [--max-new-tokens 32]
-        [--budgets 1,4,16] [--w2-link YAML] [--set PATH=VALUE ...] [--out DIR]
+        [--budgets 1,4,16] [--fit-profiles LIVE_RUN_DIR] [--w2-link YAML] [--set PATH=VALUE ...]
+        [--out DIR]
         One point per policy on one setting, same prompts and coupled seeds: the paper's
         fixed top-64 (the reference), fixed top-16 / top-256, link-aware K at each upload
         budget (from the link; live also from observed throughput), adaptive gamma
@@ -194,6 +195,27 @@ def straggler_scenario(models: str, link: str, deadlines: Sequence[float]) -> di
         raw["models"] = {**_tiny_models(raw["models"]), "workers": {
             "w1": TINY["w1"], "w2": TINY["w2"], "w3": TINY["w2"]}}  # fmt: skip
     return raw
+
+
+def fit_profiles(run_dir: Path, raw: dict[str, Any], out: Path) -> dict[str, str]:
+    """A device profile per role (draft, each worker host) fitted from a run's rounds:
+    every point then waits the same cost model (a point's recorded times differ by the noise
+    of the moment it was recorded). Roles missing from the run fall back to `default`."""
+    from specfed.profile import make_provenance, profile_from_rounds, save_profile
+
+    rounds = pd.read_csv(run_dir / "rounds.csv", low_memory=False)
+    models = raw["models"]
+    dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
+    prov = make_provenance(sys.argv, notes=f"fitted from the run {run_dir} (its contention)")
+    files: dict[str, str] = {}
+    for role, model in {"draft": models["draft"], **models["workers"]}.items():
+        prof = profile_from_rounds(
+            rounds, role, model=model, dtype=dtype, threads=threads,
+            vocab_size=int(rounds.vocab_size.iloc[0]), provenance=prov,
+            name=f"fit-{role}-{model}",
+        )  # fmt: skip
+        files[role] = str(save_profile(prof, out / "fitted-profiles" / f"{role}.json"))
+    return files
 
 
 def _run(raw: dict[str, Any], name: str, out: Path, reps: int, force: bool) -> Path:
@@ -611,6 +633,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w2-link", default=None, help="demo-trace: w2's link block (YAML)")
     p.add_argument("--budgets", default="1,4,16", help="k: auto upload budgets, ms")
     p.add_argument(
+        "--fit-profiles",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="replay: emulate compute with a device profile per role fitted from this (live) "
+        "run's rounds (one cost model for every point) instead of each point's recorded times",
+    )
+    p.add_argument(
         "--compute",
         default=None,
         choices=["live", "replay"],
@@ -644,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = setting_scenario(args.setting, args.models, prompts, args.max_new_tokens, w2)
         if args.compute == "replay":
             raw["compute"] = {"mode": "replay", "profiles": "recorded"}
+        if args.fit_profiles:
+            if raw.get("compute", {}).get("mode") != "replay":
+                raise SystemExit("policybench: --fit-profiles needs --compute replay (or star32)")
+            raw["compute"]["profiles"] = fit_profiles(args.fit_profiles, raw, args.out)
         live = raw.get("compute", {}).get("mode", "live") == "live"
         raw["sweep"] = policy_sweep(live, [float(b) for b in args.budgets.split(",")])
         mode = "live" if live else "replay"
