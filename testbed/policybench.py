@@ -527,6 +527,12 @@ def _fit(ax: Any, x: pd.Series, y: pd.Series) -> None:
             setter(lo - pad, hi + pad)
 
 
+def _bar_limits(ax: Any, values: pd.Series, col: str) -> None:
+    """From 0 to a margin above the bars (a wide interval runs off the plot)."""
+    top = float(values[np.isfinite(values)].max()) if np.isfinite(values).any() else 1.0
+    ax.set_ylim(0, 1.05 if col == "identical" else 1.35 * top or 1.0)
+
+
 def gamma_plot(table: pd.DataFrame, path: Path, title: str) -> None:
     """Adaptive vs fixed gamma = 4 on the same transmissions: tokens/round and ms/token."""
     import matplotlib
@@ -554,6 +560,7 @@ def gamma_plot(table: pd.DataFrame, path: Path, title: str) -> None:
         err = rows[f"{col}_ci"].where(np.isfinite(rows[f"{col}_ci"]), 0.0)
         ax.bar(rows.policy, rows[col], yerr=err, capsize=3,
                color=["C1" if "+" in p else "C0" for p in rows.policy])  # fmt: skip
+        _bar_limits(ax, rows[col], col)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
@@ -577,6 +584,7 @@ def straggler_plot(table: pd.DataFrame, path: Path, title: str) -> None:
     ):
         err = rows[f"{col}_ci"].where(np.isfinite(rows[f"{col}_ci"]), 0.0)
         ax.bar(rows.policy, rows[col], yerr=err, capsize=3, color="C4")
+        _bar_limits(ax, rows[col], col)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
         ax.grid(axis="y", alpha=0.3)
