@@ -1,10 +1,14 @@
 """`analysis`: report on run folders, compare two runs, or draw a paper-figure study run.
 
-    analysis report RESULTS_DIR [RESULTS_DIR ...] [--out DIR]
-    analysis compare A B [--out DIR]
+    analysis report RESULTS_DIR [RESULTS_DIR ...] [--out DIR] [--keep-warmup] [--pool-commits]
+                    [--no-plots]
+    analysis compare A B [--out DIR] [--keep-warmup]
     analysis paper RUN_DIR       -> analysis.paper.main([RUN_DIR]): Fig. 2, Fig. 3, report.md
+    analysis --version
 
-Exit status: 0 ok, 2 bad arguments or a folder that is not a run folder.
+Exit status: 0 ok; 1 failure (an unexpected error while analysing); 2 bad input (bad
+arguments, a folder that is not a run folder). Errors go to stderr; what was written goes
+to stdout.
 """
 
 from __future__ import annotations
@@ -12,25 +16,35 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-from analysis.load import NotARunFolder
+from analysis.runs import NotARunFolder
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 DESCRIPTION = """\
 Analyze SpecFed testbed runs (the folders `testbed run` writes under
-results/<scenario>/<utc>-<sha>/: requests.csv, rounds.csv, meta.json, points.csv,
-scenario.yaml). Everything is recomputed from those files; nothing in them is changed.
+results/<scenario>/<utc>-<sha>/: requests.csv, rounds.csv, meta.json, ...). Everything is
+recomputed from those files; nothing in them is changed. Statistics group by every
+parameter that varies (configuration, link settings, swept paths, commit), give 95 %
+intervals over repetitions (Wilson for fractions, paired for comparisons), and leave out
+warm-up requests unless asked.
 
 commands:
-  report    tables, seaborn plots and report.md for one or several run folders
-            (concatenated, every row tagged with its run): latency vs link bandwidth /
-            delay, round-time breakdown, bytes per token vs K against the documented
-            formula, acceptance vs K, fidelity vs full transmission (coupled seeds),
-            round time vs the analytic lower bound
+  report    tidy tables (CSV + parquet), seaborn plots and report.md for one or several
+            run folders: summary, latency vs bandwidth and path RTT, paired speedup over
+            federated AR and SD-full, time per token and per round, ECDFs, accepted
+            length, bytes vs K against the documented formula, acceptance vs K, paired
+            fidelity, round time vs the analytic lower bound
   compare   two run folders side by side: per-configuration metrics of A and B and B/A
   paper     Fig. 2, Fig. 3 and report.md of a distribution-level study run (the folder
             `python -m specfed.study STUDY_FILE` writes); arguments go to analysis.paper
+
+--out is the folder the command writes into (created if missing): report.md or
+compare.md, the PNG plots, and tables/. Exit status: 0 ok, 1 failure, 2 bad input.
 """
 
 EPILOG = """\
@@ -39,42 +53,85 @@ examples:
   analysis report results/bw/RUN1 results/bw/RUN2 --out /tmp/bw-report
   analysis compare results/demo/RUN_A results/demo/RUN_B --out /tmp/a-vs-b
   analysis paper --help
+in Python: analysis.load(RUN_DIR) -> tidy frames (docs/analysis.md)
 """
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help text, descriptions as written."""
+
+
+def version() -> str:
+    """The installed package's version (specfed-testbed), or 'unknown'."""
+    try:
+        return metadata.version("specfed-testbed")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="analysis",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="analysis", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()} (specfed-testbed)"
     )
     sub = ap.add_subparsers(dest="command", metavar="{report,compare,paper}", required=True)
     rep = sub.add_parser(
         "report",
         help="tables, plots and report.md for one or several run folders",
-        description="Load one or several run folders and write report.md, the PNG plots and "
-        "the tables as CSV (tables/) into --out. Plots whose axis does not vary in the data "
-        "are skipped with a note in the report.",
+        description="Load one or several run folders (concatenated, every row tagged with\n"
+        "its run) and write report.md, the PNG plots and every table as CSV and parquet\n"
+        "(tables/) into --out. Plots whose axis does not vary in the data are skipped\n"
+        "with a note in the report.",
+        formatter_class=_Formatter,
     )
-    rep.add_argument("runs", nargs="+", type=Path, metavar="RESULTS_DIR", help="run folder(s)")
     rep.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: <first run>/report/)"
-    )
+        "runs", nargs="+", type=Path, metavar="RESULTS_DIR",
+        help="run folder(s): results/<scenario>/<utc>-<sha>/",
+    )  # fmt: skip
+    rep.add_argument(
+        "--out", type=Path, default=None,
+        help="folder to write report.md, the plots and tables/ into; None = <first run>/report/",
+    )  # fmt: skip
+    rep.add_argument(
+        "--keep-warmup", action="store_true",
+        help="keep warm-up requests (the first request each set of worker processes "
+        "served) in the statistics",
+    )  # fmt: skip
+    rep.add_argument(
+        "--no-plots", action="store_true",
+        help="write report.md and the tables only, no PNG (faster)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--pool-commits", action="store_true",
+        help="pool runs from different git commits (otherwise the commit is a setting and "
+        "their results are kept apart)",
+    )  # fmt: skip
     cmp_ = sub.add_parser(
         "compare",
         help="two run folders side by side",
-        description="Per-configuration metrics (ms/token, ttft, acceptance, tokens/round, "
-        "bytes/token) of run A and run B and their ratio B/A; compare.md and two plots.",
+        description="Per configuration and setting: ms/token, ttft, tokens/round,\n"
+        "bytes/token and acceptance of run A and run B (95 % CIs over repetitions) and\n"
+        "B/A; compare.md, tables/compare.csv (+ parquet) and two plots into --out.",
+        formatter_class=_Formatter,
     )
     cmp_.add_argument("a", type=Path, metavar="A", help="run folder A (the reference)")
     cmp_.add_argument("b", type=Path, metavar="B", help="run folder B")
     cmp_.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: <A>/compare-<B name>/)"
-    )
+        "--out", type=Path, default=None,
+        help="folder to write compare.md, the plots and tables/ into; None = "
+        "<A>/compare-<B name>/",
+    )  # fmt: skip
+    cmp_.add_argument(
+        "--keep-warmup", action="store_true",
+        help="keep warm-up requests in the statistics",
+    )  # fmt: skip
     sub.add_parser(
         "paper",
         help="figures and report of a study run (analysis.paper); `analysis paper --help`",
+        description="Fig. 2, Fig. 3 and report.md of a distribution-level study run\n"
+        "(analysis.paper); every argument after `paper` goes to it unchanged.",
         add_help=False,
     )
     return ap
@@ -109,20 +166,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             out = args.out or args.runs[0] / "report"
-            rep = write_report(args.runs, out, args_list)
+            rep = write_report(
+                args.runs, out, args_list,
+                keep_warmup=args.keep_warmup, pool_commits=args.pool_commits,
+                draw=not args.no_plots,
+            )  # fmt: skip
         else:
             out = args.out or args.a / f"compare-{args.b.resolve().name}"
-            rep = write_compare(args.a, args.b, out, args_list)
+            rep = write_compare(args.a, args.b, out, args_list, keep_warmup=args.keep_warmup)
     except NotARunFolder as exc:
         print(f"analysis: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"analysis: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     for n in rep.notes:
         print(f"note: {n}")
     print(f"report: {rep.path}")
     for p in rep.plots:
         print(f"plot:   {p}")
-    print(f"tables: {rep.path.parent / 'tables'}/ ({len(rep.tables)} CSV)")
-    return 0
+    n_csv = sum(p.suffix == ".csv" for p in rep.tables)
+    print(f"tables: {rep.path.parent / 'tables'}/ ({n_csv} tables, CSV + parquet)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,18 +9,22 @@ A configuration is (transmission, K, reconstruction, gamma[, epsilon]):
     adaptive-K <rec> eps=E    gamma > 0, adaptive top-K (K = the cap)
     federated AR <lossy>      gamma = 0 with a lossy transmission
 
-The colour family comes from the reconstruction (a matplotlib colormap), its shade from
-log2 K (fixed: K = 16 is always the same blue), the marker from the reconstruction (or the
-adaptive / federated-AR marker). A *family* is a configuration without its K: the series
-drawn in plots whose x axis is K.
+The colour family comes from the reconstruction (a base hue: blue, orange, green); K moves
+both the hue (within +-20 degrees of the base) and the lightness (light for small K, dark
+for large K), fixed for every run: K = 16 renormalize is always the same light cyan-blue.
+The marker comes from K as well (one of seven shapes per log2 K bin, 16 ... 1024 and above,
+rotated per reconstruction so that two reconstructions at one K differ), so K is told apart
+by marker and colour, not by shade alone. Adaptive and federated-AR configurations have
+their own markers. A *family* is a configuration without its K: the series drawn in plots
+whose x axis is K.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass
 
-from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
 
@@ -37,36 +41,60 @@ class Style:
 
 @dataclass(frozen=True)
 class _Family:
-    cmap: str
-    marker: str
+    hue: float  # degrees
+    marker: str  # the family's marker (K-axis plots)
     order: int
+    rotation: int  # offset into K_MARKERS
 
 
 #: gamma > 0, full transmission.
 FULL = Style("full", "#1b1b1b", "o", "-", 0.0)
 #: gamma = 0, full transmission: plain federated autoregressive decoding.
 FEDERATED_AR = Style("federated AR", "#8a8a8a", "s", ":", 1.0)
-#: Colour family and marker per reconstruction (top-K and adaptive).
+#: Base hue, family marker and order per reconstruction (top-K and adaptive).
 RECONSTRUCTIONS: dict[str, _Family] = {
-    "renormalize": _Family("Blues", "v", 10),
-    "residual-mass": _Family("Oranges", "^", 20),
-    "draft-guided": _Family("Greens", "D", 30),
+    "renormalize": _Family(212.0, "v", 10, 0),
+    "residual-mass": _Family(28.0, "^", 20, 2),
+    "draft-guided": _Family(128.0, "D", 30, 4),
 }
-_UNKNOWN = _Family("Greys", "h", 90)
+_UNKNOWN = _Family(300.0, "h", 90, 6)
 ADAPTIVE_MARKER = "*"
 LOSSY_AR_MARKER = "X"
-#: log2 K mapped onto the colormap: K_MIN..K_MAX -> SHADE_LO..SHADE_HI (clipped).
+#: One marker per log2 K bin (K <= 16, 32, 64, 128, 256, 512, >= 1024), rotated by the
+#: reconstruction's offset.
+K_MARKERS = ("v", "^", "<", ">", "D", "p", "h")
+#: log2 K mapped onto [0, 1]: K_MIN..K_MAX (clipped).
 K_MIN, K_MAX = 16, 1024
-SHADE_LO, SHADE_HI = 0.40, 0.95
-FAMILY_SHADE = 0.70
+HUE_SPAN = 40.0  # degrees across K_MIN..K_MAX
+LIGHT_HI, LIGHT_LO = 0.66, 0.28  # lightness at K_MIN, K_MAX
+SATURATION = 0.72
+FAMILY_T = 0.5
 
 
-def k_shade(k: float | None) -> float:
-    """Colormap position for K (fixed for every run)."""
+def k_position(k: float | None) -> float:
+    """K on [0, 1]: log2 K between K_MIN and K_MAX, clipped (FAMILY_T without a K)."""
     if k is None or not math.isfinite(k) or k <= 0:
-        return FAMILY_SHADE
+        return FAMILY_T
     t = (math.log2(k) - math.log2(K_MIN)) / (math.log2(K_MAX) - math.log2(K_MIN))
-    return SHADE_LO + (SHADE_HI - SHADE_LO) * min(1.0, max(0.0, t))
+    return min(1.0, max(0.0, t))
+
+
+def k_color(reconstruction: str, k: float | None) -> str:
+    """The colour of (reconstruction, K): the family's hue shifted by K, lighter for small K."""
+    fam = RECONSTRUCTIONS.get(reconstruction, _UNKNOWN)
+    t = k_position(k)
+    hue = (fam.hue + (t - 0.5) * HUE_SPAN) % 360.0
+    light = LIGHT_HI + (LIGHT_LO - LIGHT_HI) * t
+    return to_hex(colorsys.hls_to_rgb(hue / 360.0, light, SATURATION))
+
+
+def k_marker(reconstruction: str, k: float | None) -> str:
+    """The marker of (reconstruction, K): K's bin in K_MARKERS, rotated per reconstruction."""
+    fam = RECONSTRUCTIONS.get(reconstruction, _UNKNOWN)
+    if k is None or not math.isfinite(k) or k <= 0:
+        return fam.marker
+    bin_ = min(len(K_MARKERS) - 1, max(0, round(math.log2(k)) - round(math.log2(K_MIN))))
+    return K_MARKERS[(bin_ + fam.rotation) % len(K_MARKERS)]
 
 
 def _k_text(k: float | None) -> str:
@@ -84,7 +112,7 @@ def config_style(
     if transmission == "full":
         return FULL if gamma > 0 else FEDERATED_AR
     fam = RECONSTRUCTIONS.get(reconstruction, _UNKNOWN)
-    color = to_hex(colormaps[fam.cmap](k_shade(k)))
+    color = k_color(reconstruction, k)
     kk = 0.0 if k is None or not math.isfinite(k) else k
     if transmission == "adaptive":
         eps = "" if epsilon is None or not math.isfinite(epsilon) else f" eps={epsilon:g}"
@@ -97,7 +125,7 @@ def config_style(
     else:
         name, marker, ls, order = (
             f"{transmission}-{_k_text(k)} {reconstruction}",
-            fam.marker,
+            k_marker(reconstruction, k),
             "-",
             fam.order + kk * 1e-6,
         )
@@ -111,7 +139,7 @@ def family_style(transmission: str, reconstruction: str, gamma: int) -> Style:
     if transmission == "full":
         return FULL if gamma > 0 else FEDERATED_AR
     fam = RECONSTRUCTIONS.get(reconstruction, _UNKNOWN)
-    color = to_hex(colormaps[fam.cmap](FAMILY_SHADE))
+    color = k_color(reconstruction, None)
     if transmission == "adaptive":
         st = Style(f"adaptive {reconstruction}", color, ADAPTIVE_MARKER, "--", fam.order + 5)
     else:

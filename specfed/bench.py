@@ -3,13 +3,19 @@
     python -m specfed.bench round    server-side cost per round (decode + reconstruct +
                                      aggregate + accept), V = 151,936, gamma = 4,
                                      N in {2, 4, 8}, K in {16, 64, 256, 1024}, full;
-                                     worker-side encode cost for gamma + 1 positions
+                                     worker-side encode cost for gamma + 1 positions;
+                                     the compact codecs at K = 64, N = 4 (--compact-only:
+                                     those alone)
     python -m specfed.bench vs-hf    our engine vs HF generate(assistant_model=...) vs
                                      target-only, greedy, real Qwen pair
     python -m specfed.bench dtype    fp32 vs bf16 weights: speed, peak memory, outputs
     python -m specfed.bench loopback round overhead over TCP on loopback: round time minus
                                      (draft + slowest worker compute), full vs top-K,
                                      real Qwen pair, 2 worker processes
+    python -m specfed.bench codecs   bytes per position vs ||p_i - p_hat_i||_1 and
+                                     |Delta alpha| for every codec (value dtype x index
+                                     coding, top-K and top-p) on the paper study's recorded
+                                     Qwen distributions; issue 13's target (docs/codecs.md)
     python -m specfed.bench profile  a device profile (specfed.profile): times real verify
                                      passes and draft rounds of one model over a grid of
                                      tokens and contexts, fits the cost model, writes the
@@ -37,7 +43,8 @@ import numpy as np
 import psutil
 import torch
 
-from specfed.codecs import decode_any, make_codec
+from specfed.codecs import decode_any, index_bytes_for, make_codec
+from specfed.messages import Transmission
 from specfed.reconstruct import RECONSTRUCTIONS, aggregate
 from specfed.sampling import RoundUniforms, speculative_accept
 
@@ -68,8 +75,10 @@ def lm_like(rng: np.random.Generator, n_pos: int, vocab: int, sharpness: float =
     return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 
-def bench_round(reps: int, threads: int) -> dict[str, Any]:
-    """Server cost per round and worker encode cost, on synthetic LM-like distributions."""
+def bench_round(reps: int, threads: int, compact_only: bool = False) -> dict[str, Any]:
+    """Server cost per round and worker encode cost, on synthetic LM-like distributions.
+
+    compact_only: only the compact codecs at K = 64, N = 4 (`COMPACT_ROUND`)."""
     torch.set_num_threads(threads)
     gamma, vocab = 4, QWEN_V
     rng = np.random.default_rng(0)
@@ -77,6 +86,23 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
     drafts = [int(r.argmax()) for r in q]
     ps = [lm_like(rng, gamma + 1, vocab) for _ in range(8)]
     uniforms = RoundUniforms.draw(rng, gamma)
+    if compact_only:
+        compact, compact_encode = _compact_round(ps, q, drafts, uniforms, reps)
+        return {
+            "benchmark": "round (compact codecs only)",
+            "vocab_size": vocab,
+            "gamma": gamma,
+            "threads": threads,
+            "reps": reps,
+            "compact_server_round_N4": compact,
+            "compact_worker_encode": compact_encode,
+            "targets": {
+                "compact_round_ms_at_N4 (<= 5)": _by_label(compact),
+                "compact_encode_ms (5 positions)": {
+                    r["label"]: r["median_ms"] for r in compact_encode
+                },
+            },
+        }
     server: list[dict[str, Any]] = []
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
         codec = make_codec(mode, k=k)
@@ -107,6 +133,7 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
     for mode, k in [("full", None), *[("topk", k) for k in (16, 64, 256, 1024)]]:
         t = _time_ms(partial(make_codec(mode, k=k).encode, ps[0]), reps)
         encode.append({"transmission": mode, "k": k, "positions": gamma + 1, **t})
+    compact, compact_encode = _compact_round(ps, q, drafts, uniforms, reps)
     key = {
         (r["transmission"], r["k"], r["reconstruction"], r["n_workers"]): r["median_ms"]
         for r in server
@@ -122,14 +149,82 @@ def bench_round(reps: int, threads: int) -> dict[str, Any]:
         "reps": reps,
         "server_round": server,
         "worker_encode": encode,
+        "compact_server_round_N4": compact,
+        "compact_worker_encode": compact_encode,
         "targets": {
             "round_ms_at_N4_K64 (<= 5)": {
                 rec: key[("topk", 64, rec, 4)] for rec in RECONSTRUCTIONS
             },
+            "compact_round_ms_at_N4 (<= 5)": _by_label(compact),
+            "compact_encode_ms (5 positions)": {r["label"]: r["median_ms"] for r in compact_encode},
             "slope_ms_per_worker_K64": per_worker,
             "encode_ms_at_K64 (<= 2)": next(e["median_ms"] for e in encode if e["k"] == 64),
         },
     }
+
+
+COMPACT_ROUND = [
+    Transmission.of("topk", 64, value_dtype=vd, index_coding=ic)
+    for vd, ic in [
+        ("fp32", "fixed"),
+        ("fp16", "fixed"),
+        ("fp32", "delta-varint"),
+        ("q8", "bitpack"),
+        ("q8", "delta-varint"),
+        ("q8", "delta-bitpack"),
+        ("q4", "delta-bitpack"),
+    ]
+] + [Transmission.of("adaptive", 256, 0.01, "q8", None, "delta-bitpack")]
+"""The transmissions whose round cost `round` measures at N = 4: today's fp32 and fp16 top-64
+as the baseline, then the compact ones (K = 64; top-p capped at 256: on `lm_like` data it
+keeps the cap, the worst case)."""
+
+
+def _compact_round(
+    ps: list[np.ndarray], q: np.ndarray, drafts: list[int], uniforms: RoundUniforms, reps: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Server cost per round (decode + aggregate + accept) at N = 4, worker encode cost and
+    the decode of one message (gamma + 1 positions) of every `COMPACT_ROUND` transmission."""
+    server, encode = [], []
+    w = np.full(4, 0.25)
+    for t in COMPACT_ROUND:
+        codec = t.codec()
+        messages = [codec.encode(p) for p in ps[:4]]
+        for rec in RECONSTRUCTIONS:
+
+            def one_round(msgs=messages, rec=rec) -> None:
+                payloads = [decode_any(m) for m in msgs]
+                p_hat = aggregate(payloads, w, rec, q)
+                speculative_accept(drafts, q, p_hat, uniforms)
+
+            timing = _time_ms(one_round, reps)
+            server.append(
+                {
+                    "label": t.label,
+                    "reconstruction": rec,
+                    "n_workers": 4,
+                    "bytes_per_worker": len(messages[0]),
+                    **timing,
+                }
+            )
+            log(f"round {t.label} {rec} N=4: {timing['median_ms']:.2f} ms")
+        encode.append(
+            {
+                "label": t.label,
+                "positions": ps[0].shape[0],
+                **_time_ms(partial(codec.encode, ps[0]), reps),
+                "decode_median_ms": _time_ms(partial(decode_any, messages[0]), reps)["median_ms"],
+            }
+        )
+    return server, encode
+
+
+def _by_label(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{label: {reconstruction: median ms}} of `_compact_round` rows."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(r["label"], {})[r["reconstruction"]] = r["median_ms"]
+    return out
 
 
 class PeakRSS:
@@ -442,10 +537,29 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
             ]
             agg = [r.t_aggregate_ms for r in rounds]
             net = [w.t_net_ms for r in rounds for w in r.workers]
+            # where the overhead goes, on the critical path (the reply that arrived last)
+            crit = [max(r.workers, key=lambda w: w.t_call_ms) for r in rounds]
+            parts = {
+                "send_request": [w.t_send_ms for w in crit],
+                "network_and_worker_io": [w.t_net_ms - w.t_send_ms for w in crit],
+                "worker_fidelity": [w.t_fidelity_ms for w in crit],
+                "decode_and_check": [w.t_decode_ms for w in crit],
+                "aggregate_and_accept": agg,
+                # <= 0: the last reply's compute minus the longest compute of the round
+                "compute_skew": [
+                    c.t_worker_ms - max(w.t_worker_ms for w in r.workers)
+                    for r, c in zip(rounds, crit, strict=True)
+                ],
+            }
+            explained = np.sum([np.asarray(v) for v in parts.values()], axis=0)
+            parts["other_thread_handoffs"] = list(np.asarray(overhead) - explained)
             out[label] = {
                 "rounds": len(rounds),
                 "overhead_ms_median": float(np.median(overhead)),
                 "overhead_ms_p90": float(np.percentile(overhead, 90)),
+                "overhead_breakdown_ms_median": {
+                    k: round(float(np.median(v)), 3) for k, v in parts.items()
+                },
                 "server_aggregate_ms_median": float(np.median(agg)),
                 "t_net_ms_median": float(np.median(net)),
                 "bytes_up_per_worker_round_median": float(
@@ -476,6 +590,81 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
         "modes": out,
         "note": "overhead = t_round - t_draft - max_i t_worker_i: framing, loopback "
         "transfer, decode, reconstruct, aggregate, accept, thread hand-offs",
+    }
+
+
+def _codecs_verdict(summary: dict[str, Any]) -> dict[str, Any]:
+    """Log the target's verdict per reconstruction; return the summary."""
+    for m, t in summary["by_reconstruction"].items():
+        for form, key in (("mean over T", "smallest"), ("at every T", "smallest_at_every_T")):
+            best = t[key]
+            log(
+                f"target ({m}, {form}): "
+                + (f"reached by {best['label']}, {best['bytes_per_position']:.1f} B" if best
+                   else "NOT reached")
+            )  # fmt: skip
+    return summary
+
+
+def bench_codecs(args: argparse.Namespace) -> dict[str, Any]:
+    """Bytes against fidelity for every codec on recorded (or synthetic) distributions."""
+    from specfed import codecbench as cb
+
+    if args.from_json:  # summarize a previous run's rows again (target, curve, plot)
+        out: dict[str, Any] = json.loads(args.from_json.read_text())
+        ref_bytes = out["target"]["reference_entry_bytes_per_position"]
+        out["target"] = _codecs_verdict(cb.target(out["rows"], ref_bytes))
+        if args.plot:
+            cb.plot_tradeoff(out["rows"], out["target"], args.plot)
+            log(f"wrote {args.plot}")
+        return out
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.source == "qwen":
+        from specfed.study.record import default_cache_dir
+
+        cache = None if args.no_cache else (args.cache or default_cache_dir())
+        data = cb.qwen_logits(args.study, cache, args.prompts, args.positions, log)
+    else:
+        data = cb.synthetic_logits(args.prompts or 2, args.positions or 12, args.vocab, args.seed)
+    t_data = time.perf_counter() - t0
+    temperatures = [float(x) for x in args.temperatures.split(",")]
+    ks = [int(x) for x in args.ks.split(",")]
+    epsilons = [float(x) for x in args.epsilons.split(",")]
+    grid = cb.codec_grid(ks, epsilons)
+    log(
+        f"{len(grid)} transmissions x {len(temperatures)} T on {data.n_positions} positions, "
+        f"{len(data.workers)} workers, V = {data.vocab_size}"
+    )
+    t0 = time.perf_counter()
+    rows = cb.evaluate_codecs(data, temperatures, grid, log)
+    t_grid = time.perf_counter() - t0
+    vocab = data.vocab_size
+    reference_bytes = cb.REFERENCE_K * (index_bytes_for(vocab) + 2)  # K (ib + 2) for fp16
+    summary = _codecs_verdict(cb.target(rows, reference_bytes))
+    if args.plot:
+        cb.plot_tradeoff(rows, summary, args.plot)
+        log(f"wrote {args.plot}")
+    return {
+        "benchmark": "codecs",
+        "data": data.info,
+        "vocab_size": vocab,
+        "positions": data.n_positions,
+        "workers": data.workers,
+        "weights": data.weights.tolist(),
+        "temperatures": temperatures,
+        "positions_per_message": cb.POSITIONS_PER_MESSAGE,
+        "grid": {
+            "ks": ks,
+            "epsilons": epsilons,
+            "value_dtypes": [d.value for d in cb.ValueDtype],
+            "index_codings": [c.value for c in cb.IndexCoding],
+            "transmissions": len(grid),
+        },
+        "threads": args.threads,
+        "timing_s": {"data": t_data, "grid": t_grid},
+        "target": summary,
+        "rows": rows,
     }
 
 
@@ -820,6 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("round", help="server cost per round, worker encode cost")
     r.add_argument("--reps", type=int, default=30)
     r.add_argument("--threads", type=int, default=1, help="torch threads (the server's share)")
+    r.add_argument(
+        "--compact-only", action="store_true", help="only the compact codecs at K = 64, N = 4"
+    )
     for name in ("vs-hf", "dtype"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="qwen2.5-coder-1.5b")
@@ -844,17 +1036,39 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--gamma", type=int, default=4)
     lb.add_argument("--threads", type=int, default=1, help="torch threads per process")
     lb.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    cb = sub.add_parser("codecs", help="bytes vs fidelity of every codec (issue 13)")
+    cb.add_argument("--source", choices=["qwen", "synthetic"], default="qwen")
+    cb.add_argument("--study", type=Path, default=Path("scenarios/paper_fig23.yaml"))
+    cb.add_argument("--cache", type=Path, default=None, help="logits cache (study default)")
+    cb.add_argument("--no-cache", action="store_true")
+    cb.add_argument("--prompts", type=int, default=None, help="override prompts.count")
+    cb.add_argument("--positions", type=int, default=None, help="override positions")
+    cb.add_argument("--vocab", type=int, default=4000, help="synthetic: V")
+    cb.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    cb.add_argument("--temperatures", default="0.8,1.0,1.2")
+    cb.add_argument("--ks", default="16,64,128,256", help="K of top-K, and the caps of top-p")
+    cb.add_argument("--epsilons", default="0.01,0.003,0.001", help="epsilon of top-p")
+    cb.add_argument("--plot", type=Path, default=None, help="write the trade-off plot (PNG)")
+    cb.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="summarize the rows of a previous run's JSON again (target, curve, plot)",
+    )
+    cb.add_argument("--threads", type=int, default=2)
     _add_profile_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    if args.which == "profile":
+    if args.which == "codecs":
+        out = bench_codecs(args)
+    elif args.which == "profile":
         out = bench_profile(args, argv)
     elif args.which == "loopback":
         out = bench_loopback(args)
     elif args.which == "dtype-one":
         out = _dtype_one(args)
     elif args.which == "round":
-        out = bench_round(args.reps, args.threads)
+        out = bench_round(args.reps, args.threads, args.compact_only)
     elif args.which == "vs-hf":
         out = bench_vs_hf(args)
     else:

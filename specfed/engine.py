@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from specfed.codecs import Payload, decode_any, index_bytes_for
+from specfed.codecs import Payload, decode_any
 from specfed.messages import BadReply, Transmission, VerifyReply, VerifyRequest, check_reply
 from specfed.metrics import alpha as alpha_fn
 from specfed.models import (
@@ -41,7 +41,7 @@ from specfed.models import (
     check_same_vocabulary,
     common_prefix,
 )
-from specfed.options import LossPolicy, Mode, Reconstruction, check_weights
+from specfed.options import LossPolicy, Reconstruction, check_weights
 from specfed.policies import (
     AggregationSpec,
     GammaPolicy,
@@ -204,8 +204,9 @@ def score_sequence(
 class WorkerRound:
     """One worker's part of one round (one row of the rounds table).
 
-    transmission, k, epsilon, value_dtype and index_bytes are the worker's own transmission
-    (index_bytes as sent: the width chosen for V when the transmission left it open).
+    transmission, k, epsilon, value_dtype, index_bytes and index_coding are the worker's own
+    transmission (index_bytes as sent: the width chosen for V when the transmission left it
+    open; None for full and the non-fixed index codings).
     Times in ms: t_call_ms from the start of sending the request to the end of reading the
     reply; t_fidelity_ms the worker's time measuring local_l1 (testbed overhead); t_net_ms =
     t_call_ms - t_worker_ms - t_fidelity_ms (network, framing and queueing); t_decode_ms
@@ -221,6 +222,7 @@ class WorkerRound:
     epsilon: float | None
     value_dtype: str
     index_bytes: int | None
+    index_coding: str
     k_mean: float
     bytes_up: int
     bytes_down: int
@@ -243,7 +245,9 @@ class WorkerRound:
 class RoundRecord:
     """One round: drafting, verification by every worker, aggregation and acceptance.
 
-    Times in ms. t_round_ms runs from the start of drafting to the emitted tokens;
+    Times in ms. t_start_s is the round's start on the monotonic clock (seconds; shared by
+    every process and Mininet host of a machine, so rounds line up with link traces);
+    t_round_ms runs from the start of drafting to the emitted tokens;
     t_aggregate_ms covers reconstruct + aggregate + accept (decoding is per worker:
     WorkerRound.t_decode_ms). Computing the metrics
     (alpha, eps) and writing records happen after the clock stops, and are excluded from a
@@ -256,6 +260,7 @@ class RoundRecord:
 
     round: int
     gamma: int
+    t_start_s: float
     context_len: int
     draft_new_tokens: int
     t_draft_emulated_ms: float
@@ -573,9 +578,8 @@ class FederatedGenerator:
             k=tr.k,
             epsilon=tr.epsilon,
             value_dtype=tr.value_dtype.value,
-            index_bytes=None
-            if tr.mode == Mode.FULL
-            else tr.index_bytes or index_bytes_for(self.vocab_size),
+            index_bytes=tr.wire_index_bytes(self.vocab_size),
+            index_coding=tr.index_coding.value,
             k_mean=float(np.mean(answer.payload.k_per_position)),
             bytes_up=reply.bytes_up,
             bytes_down=reply.bytes_down,
@@ -691,6 +695,7 @@ class FederatedGenerator:
                     lost_late = self._settle(late, block=False)
                     if lost_late:
                         drop_lost(lost_late, f"round {n_round}")
+                t_start_mono = time.monotonic()
                 uniforms = RoundUniforms.draw(rng, gamma_policy.gamma_cap)
                 round_gamma = gamma_policy.gamma_for_round()
                 gamma = min(round_gamma, max_new_tokens - len(out) - 1)
@@ -782,6 +787,7 @@ class FederatedGenerator:
                 record = RoundRecord(
                     round=n_round,
                     gamma=round_gamma,
+                    t_start_s=t_start_mono,
                     context_len=context_len,
                     draft_new_tokens=draft.n_sync if draft is not None else 0,
                     t_draft_emulated_ms=draft.t_emulated_ms if draft is not None else math.nan,

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from specfed.codecs import Codec, CodecError, Payload, decode_any, make_codec
-from specfed.options import Mode, Reconstruction, ValueDtype
+from specfed.codecs import Codec, CodecError, Payload, decode_any, index_bytes_for, make_codec
+from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 
 __all__ = ["BadReply", "Transmission", "VerifyReply", "VerifyRequest", "check_reply"]
 
@@ -28,9 +28,12 @@ class Transmission:
         mode: full, topk or adaptive (`specfed.options.Mode`).
         k: topk: K, the entries kept per position; adaptive: the cap on K; full: None.
         epsilon: adaptive only: keep the smallest K whose mass reaches 1 - epsilon.
-        value_dtype: how values are written on the wire (`specfed.options.ValueDtype`).
-        index_bytes: top-K index width in bytes, 2, 3 or 4 (None = the smallest that holds
-            V - 1); full: None.
+        value_dtype: how values are written on the wire (`specfed.options.ValueDtype`): fp32,
+            fp16, or (top-K modes) q8 / q4 quantized log-probabilities.
+        index_bytes: fixed index coding's width in bytes, 2, 3 or 4 (None = the smallest
+            that holds V - 1); full and the other index codings: None.
+        index_coding: how top-K indices are written (`specfed.options.IndexCoding`): fixed,
+            bitpack, delta-varint or delta-bitpack; full: fixed.
 
     A parameter that does not belong to the mode is an error; `Transmission.of` drops such
     parameters instead (a scenario's defaults give every mode an epsilon, say).
@@ -41,10 +44,13 @@ class Transmission:
     epsilon: float | None = None
     value_dtype: ValueDtype = ValueDtype.FP32
     index_bytes: int | None = None
+    index_coding: IndexCoding = IndexCoding.FIXED
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode, "transmission mode"))
         object.__setattr__(self, "value_dtype", ValueDtype.parse(self.value_dtype, "value_dtype"))
+        coding = IndexCoding.parse(self.index_coding, "index_coding")
+        object.__setattr__(self, "index_coding", coding)
         for name in ("k", "index_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -61,6 +67,7 @@ class Transmission:
             k_max=self.k if self.mode == Mode.ADAPTIVE else None,
             value_dtype=self.value_dtype.value,
             index_bytes=self.index_bytes,
+            index_coding=self.index_coding.value,
         )
         if self.mode == Mode.ADAPTIVE and self.k is None:
             raise ValueError("adaptive transmission needs k (the cap on K)")
@@ -76,15 +83,22 @@ class Transmission:
         epsilon: float | None = None,
         value_dtype: ValueDtype | str = ValueDtype.FP32,
         index_bytes: int | None = None,
+        index_coding: IndexCoding | str = IndexCoding.FIXED,
     ) -> Transmission:
-        """The transmission for `mode`, keeping only the parameters that mode uses."""
+        """The transmission for `mode`, keeping only the parameters that mode uses (full: no
+        k, epsilon, index_bytes or index_coding; topk: no epsilon; index_bytes only with the
+        fixed index coding). A value dtype full cannot send (q8, q4) stays an error."""
         m = Mode.parse(mode, "transmission mode")
+        coding = IndexCoding.parse(index_coding, "index_coding")
+        if m == Mode.FULL:
+            coding = IndexCoding.FIXED
         return cls(
             m,
             k=None if m == Mode.FULL else k,
             epsilon=epsilon if m == Mode.ADAPTIVE else None,
             value_dtype=ValueDtype.parse(value_dtype, "value_dtype"),
-            index_bytes=None if m == Mode.FULL else index_bytes,
+            index_bytes=index_bytes if m != Mode.FULL and coding == IndexCoding.FIXED else None,
+            index_coding=coding,
         )
 
     def codec(self) -> Codec:
@@ -92,16 +106,28 @@ class Transmission:
         codec: Codec = self.__dict__["_codec"]
         return codec
 
+    def wire_index_bytes(self, vocab_size: int) -> int | None:
+        """The fixed index width this transmission sends for V = vocab_size (the automatic
+        width when index_bytes is None); None for full and the non-fixed index codings."""
+        if self.mode == Mode.FULL or self.index_coding != IndexCoding.FIXED:
+            return None
+        return self.index_bytes or index_bytes_for(vocab_size)
+
     @property
     def label(self) -> str:
-        """Short name for tables: full, topk64, adaptive(0.01,256), with :fp16 if fp16."""
+        """Short name for tables: full, topk64, adaptive(0.01,256), then :<value dtype> unless
+        fp32 and :<index coding> unless fixed, e.g. topk64:q8:delta-bitpack."""
         if self.mode == Mode.TOPK:
             name = f"topk{self.k}"
         elif self.mode == Mode.ADAPTIVE:
             name = f"adaptive({self.epsilon},{self.k})"
         else:
             name = "full"
-        return name if self.value_dtype == ValueDtype.FP32 else f"{name}:{self.value_dtype}"
+        if self.value_dtype != ValueDtype.FP32:
+            name = f"{name}:{self.value_dtype}"
+        if self.index_coding != IndexCoding.FIXED:
+            name = f"{name}:{self.index_coding}"
+        return name
 
     def columns(self) -> dict[str, Any]:
         """The record columns that describe this transmission."""
@@ -111,6 +137,7 @@ class Transmission:
             "epsilon": self.epsilon,
             "value_dtype": self.value_dtype.value,
             "index_bytes": self.index_bytes,
+            "index_coding": self.index_coding.value,
         }
 
 

@@ -18,6 +18,7 @@ from typing import Any, Self
 
 __all__ = [
     "WEIGHT_SUM_TOL",
+    "IndexCoding",
     "LossPolicy",
     "Mode",
     "Reconstruction",
@@ -86,15 +87,45 @@ class Reconstruction(WireOption):
 
 
 class ValueDtype(WireOption):
-    """How probability values are written on the wire."""
+    """How probability values are written on the wire. Code = the codec header's dtype byte."""
 
     FP32 = "fp32", 1, "IEEE binary32, 4 bytes"
     FP16 = "fp16", 2, "IEEE binary16, 2 bytes"
+    Q8 = "q8", 3, "log-probability on 256 levels (per-position scale), kept mass as fp32"
+    Q4 = "q4", 4, "log-probability on 16 levels (per-position scale), kept mass as fp32"
+
+    @property
+    def bits(self) -> int:
+        """Bits per value on the wire (32, 16, 8, 4)."""
+        return {ValueDtype.FP32: 32, ValueDtype.FP16: 16, ValueDtype.Q8: 8, ValueDtype.Q4: 4}[self]
 
     @property
     def nbytes(self) -> int:
-        """Bytes per value."""
-        return {ValueDtype.FP32: 4, ValueDtype.FP16: 2}[self]
+        """Whole bytes per value (fp32 4, fp16 2, q8 1); ValueError for q4 (half a byte:
+        use `bits`)."""
+        if self.bits % 8:
+            raise ValueError(f"{self.value} values take {self.bits} bits, not whole bytes")
+        return self.bits // 8
+
+    @property
+    def quantized(self) -> bool:
+        """True for the quantized log-probability dtypes (top-K transmissions only)."""
+        return self in (ValueDtype.Q8, ValueDtype.Q4)
+
+
+class IndexCoding(WireOption):
+    """How top-K token indices are written on the wire (docs/codecs.md). Code = the codec
+    header's index-coding byte (format version 2; version 1 messages are `fixed`)."""
+
+    FIXED = "fixed", 1, "2, 3 or 4 bytes per index, entries in descending order of probability"
+    BITPACK = "bitpack", 2, "ceil(log2 V) bits per index, bit-packed, same order as fixed"
+    DELTA_VARINT = "delta-varint", 3, "indices sorted, gaps as LEB128 varints, values permuted"
+    DELTA_BITPACK = "delta-bitpack", 4, "indices sorted, gaps at the widest gap's bit width"
+
+    @property
+    def is_delta(self) -> bool:
+        """True if the entries go out in ascending token order (the delta codings)."""
+        return self in (IndexCoding.DELTA_VARINT, IndexCoding.DELTA_BITPACK)
 
 
 class LossPolicy(enum.StrEnum):

@@ -26,8 +26,10 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from specfed.config import ConfigError, StrictModel, cross_product, validation_problems
 from specfed.messages import Transmission
-from specfed.options import Mode, Reconstruction, ValueDtype
+from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 from specfed.policies import (
+    KAUTO_CODEC_ERROR,
+    KAUTO_VALUE_DTYPES,
     MAX_GAMMA,
     AggregationSpec,
     GammaSpec,
@@ -50,7 +52,8 @@ class Point(StrictModel):
     """One point: the per-request options of a batch of requests, and its ids in the records.
 
     Attributes mirror the scenario's fields: gamma (decoding.gamma), temperature
-    (decoding.temperature), transmission (transmission.mode/k/epsilon/value_dtype) and
+    (decoding.temperature), transmission (transmission.mode/k/epsilon/value_dtype/
+    index_coding) and
     reconstruction (transmission.reconstruction; None for full transmission).
     """
 
@@ -108,6 +111,7 @@ class Point(StrictModel):
         epsilon: float | None = None,
         value_dtype: ValueDtype | str = ValueDtype.FP32,
         index_bytes: int | None = None,
+        index_coding: IndexCoding | str = IndexCoding.FIXED,
         point: int = 0,
         rep: int = 0,
         gamma_policy: str = "fixed",
@@ -121,9 +125,9 @@ class Point(StrictModel):
         aggregation: AggregationSpec | dict[str, Any] | None = None,
     ) -> Point:
         """A point from flat options, dropping those its mode does not use (full: k,
-        epsilon, reconstruction; topk: epsilon; k_budget_ms, k_min, k_max, k_source and
-        links unless k is "auto"; gamma_min, gamma_max for fixed gamma). Raises ValueError
-        if invalid."""
+        epsilon, reconstruction, index coding; topk: epsilon; k_budget_ms, k_min, k_max,
+        k_source and links unless k is "auto"; gamma_min, gamma_max for fixed gamma).
+        Raises ValueError if invalid."""
         k_auto = None
         m = Mode.parse(mode, "transmission mode")
         if k == "auto" and m == Mode.FULL:
@@ -139,9 +143,13 @@ class Point(StrictModel):
                 links=dict(links or {}),
             )
             k = k_max
+            dtype = ValueDtype.parse(value_dtype, "value dtype")
+            coding = IndexCoding.parse(index_coding, "index coding")
+            if dtype not in KAUTO_VALUE_DTYPES or coding != IndexCoding.FIXED:
+                raise ValueError(KAUTO_CODEC_ERROR)
         elif isinstance(k, str):
             raise ValueError(f"k must be an integer or auto, got {k!r}")
-        transmission = Transmission.of(m, k, epsilon, value_dtype, index_bytes)
+        transmission = Transmission.of(m, k, epsilon, value_dtype, index_bytes, index_coding)
         full = transmission.mode == Mode.FULL
         fixed = gamma_policy == "fixed"
         return cls(
@@ -273,8 +281,8 @@ def points_from_lists(
     """The cross product of option lists as points, in order, duplicates dropped.
 
     `options` maps `Point.of` argument names (mode, k, reconstruction, gamma, temperature,
-    epsilon, value_dtype, index_bytes, gamma_policy, aggregation, ...) to lists of values;
-    `fixed` gives single values.
+    epsilon, value_dtype, index_bytes, index_coding, gamma_policy, aggregation, ...) to lists
+    of values; `fixed` gives single values.
     Points are numbered 0.. in order. Raises ConfigError listing every bad combination.
     """
     points: list[Point] = []

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from specfed.codecs import TOPK_HEADER_BYTES
 from specfed.config import StrictModel
 from specfed.messages import Transmission
-from specfed.options import Mode, ValueDtype
+from specfed.options import IndexCoding, Mode, ValueDtype
 
 __all__ = [
     "DEFAULT_GAMMA_MAX",
@@ -389,6 +389,15 @@ def make_gamma_policy(spec: GammaSpec, gamma: int) -> GammaPolicy:
 # ----------------------------------------------------------------------------- K
 
 
+#: The codecs whose reply size k: auto predicts exactly (fixed-width entries): the compact
+#: codecs' sizes depend on the content (delta coding) or carry per-position headers (q8, q4).
+KAUTO_VALUE_DTYPES = (ValueDtype.FP32, ValueDtype.FP16)
+KAUTO_CODEC_ERROR = (
+    "k: auto sizes replies of fixed-width entries: use value_dtype fp32 or fp16 and "
+    "index_coding fixed (compact codecs have content-dependent sizes)"
+)
+
+
 def reply_overhead_bytes() -> int:
     """Bytes of a top-K VERIFY_REPLY besides its P * K entries: the codec header and the
     reply frame (specfed.wire) with a 32-byte request id (a nominal figure: the choice of K
@@ -474,6 +483,8 @@ class LinkAwareK(KPolicy):
         for tr in transmissions:
             if tr.mode != Mode.TOPK:
                 raise ValueError(f"k: auto needs topk transmission, got {tr.mode}")
+            if tr.value_dtype not in KAUTO_VALUE_DTYPES or tr.index_coding != IndexCoding.FIXED:
+                raise ValueError(KAUTO_CODEC_ERROR)
         self.spec = spec
         self.transmissions = list(transmissions)
         self.k_max = min(spec.k_max, vocab_size)
@@ -500,7 +511,12 @@ class LinkAwareK(KPolicy):
     def transmission_for(self, worker: int, n_positions: int) -> Transmission:
         tr = self.transmissions[worker]
         return Transmission(
-            Mode.TOPK, self.k_for(worker, n_positions), None, tr.value_dtype, tr.index_bytes
+            Mode.TOPK,
+            self.k_for(worker, n_positions),
+            None,
+            tr.value_dtype,
+            tr.index_bytes,
+            tr.index_coding,
         )
 
     def observe(self, worker: int, bytes_up: int, t_net_ms: float) -> None:

@@ -29,11 +29,12 @@ POLICY_COLUMNS = (
 #: transmission (per-worker settings; with k: auto the K of that worker and round), the
 #: index width actually sent, and the round's gamma (an adaptive policy's choice).
 POINT_COLUMNS = (
-    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction", "gamma",
-    "temperature", "vocab_size", *POLICY_COLUMNS,
+    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "index_coding",
+    "reconstruction", "gamma", "temperature", "vocab_size", *POLICY_COLUMNS,
 )  # fmt: skip
 ROUND_COLUMNS = (
-    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "worker",
+    "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "t_start_s",
+    "worker",
     *POINT_COLUMNS, "compute_mode", "context_len", "draft_new_tokens", "n_drafted",
     "n_accepted", "n_emitted", "n_tokens", "bytes_up", "bytes_down", "t_draft_ms",
     "t_draft_emulated_ms", "t_draft_recorded_ms", "t_send_ms", "t_worker_ms",

@@ -35,10 +35,16 @@ import torch
 
 from specfed import wire
 from specfed.client import RemoteWorker
-from specfed.codecs import index_bytes_for
 from specfed.engine import FederatedGenerator, GenerationResult, RoundRecord, WorkerLost
 from specfed.models import HasVocabulary, ModelError, common_prefix, load_model
-from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype, check_weights
+from specfed.options import (
+    IndexCoding,
+    LossPolicy,
+    Mode,
+    Reconstruction,
+    ValueDtype,
+    check_weights,
+)
 from specfed.points import Point, points_from_lists, read_points
 from specfed.prompts import Prompt, PromptError, load_prompts
 from specfed.provenance import git_state, versions
@@ -106,6 +112,7 @@ def points_from_args(args: argparse.Namespace) -> list[Point]:
     fixed = {
         "epsilon": args.epsilon,
         "value_dtype": args.value_dtype,
+        "index_coding": args.index_coding,
         "gamma_min": args.gamma_min,
         "gamma_max": args.gamma_max,
         "k_budget_ms": args.k_budget_ms,
@@ -158,7 +165,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--value-dtype",
         default="fp32",
         choices=ValueDtype.names(),
-        help="probability values on the wire",
+        help="probability values on the wire: fp32, fp16, or (top-K only) q8 / q4 "
+        "log-probabilities quantized per position (docs/codecs.md)",
+    )
+    ap.add_argument(
+        "--index-coding",
+        default=IndexCoding.FIXED.value,
+        choices=IndexCoding.names(),
+        help="how top-K indices are written: fixed width, bit-packed, or sorted and "
+        "delta-coded (varint or bit-packed); ignored by full transmission",
     )
     ap.add_argument(
         "--reconstruction",
@@ -430,9 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             **point.columns(),
             "vocab_size": gen.vocab_size,
             "compute_mode": drafter.mode,
+            "index_bytes": point.transmission.wire_index_bytes(gen.vocab_size),  # as sent
         }
-        if point.transmission.mode != Mode.FULL and point.transmission.index_bytes is None:
-            keys["index_bytes"] = index_bytes_for(gen.vocab_size)  # the width on the wire
         for i, (prompt_id, ids) in enumerate(drafter.prompts(point)):
             rid = f"{run_id}-p{point.point}r{point.rep}-{i}"
             # The first request of a set of worker processes pays their warm-up (allocator,

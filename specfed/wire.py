@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from specfed.messages import Transmission, VerifyReply, VerifyRequest
-from specfed.options import Mode, Reconstruction, ValueDtype
+from specfed.options import IndexCoding, Mode, Reconstruction, ValueDtype
 
 MAGIC = b"SPFD"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">I4sBBH")  # length, magic, version, type, reserved
 FRAME_OVERHEAD = HEADER.size  # 12 bytes per frame, body excluded
 DEFAULT_MAX_FRAME = 64 * 2**20  # bytes; a full fp32 round at V=151,936, gamma=16 is 10.3 MB
@@ -166,13 +166,15 @@ class Hello:
 
 # VERIFY fixed part (docs/wire-protocol.md): u32 round, u32 start, u16 n_positions,
 # f64 temperature, then the transmission: u8 mode code, u32 k, f64 epsilon, u8 value dtype
-# code, u8 index bytes; u8 reconstruction code, u8 flags (bit 0: measure fidelity), u32 n_tokens.
-_VERIFY = struct.Struct("<IIHdBIdBBBBI")
+# code, u8 index bytes, u8 index coding code; u8 reconstruction code, u8 flags (bit 0:
+# measure fidelity), u32 n_tokens.
+_VERIFY = struct.Struct("<IIHdBIdBBBBBI")
 _NO_RECONSTRUCTION = 0  # full transmission: the server reconstructs nothing
 
 
-def _transmission_fields(t: Transmission) -> tuple[int, int, float, int, int]:
-    """A Transmission as (mode code, k, epsilon, value dtype code, index bytes).
+def _transmission_fields(t: Transmission) -> tuple[int, int, float, int, int, int]:
+    """A Transmission as (mode code, k, epsilon, value dtype code, index bytes, index coding
+    code).
 
     Fields the mode does not use are written as 0 (k, index bytes) and NaN (epsilon); the
     reader takes them from the mode, never from the placeholder."""
@@ -182,10 +184,11 @@ def _transmission_fields(t: Transmission) -> tuple[int, int, float, int, int]:
         t.epsilon if t.epsilon is not None else math.nan,
         t.value_dtype.code,
         t.index_bytes if t.index_bytes is not None else 0,
+        t.index_coding.code,
     )
 
 
-def _transmission(mode: int, k: int, eps: float, vdt: int, ib: int) -> Transmission:
+def _transmission(mode: int, k: int, eps: float, vdt: int, ib: int, ic: int) -> Transmission:
     """The inverse of `_transmission_fields`; ValueError on unknown codes or bad values."""
     m = Mode.from_code(mode)
     return Transmission(
@@ -194,6 +197,7 @@ def _transmission(mode: int, k: int, eps: float, vdt: int, ib: int) -> Transmiss
         epsilon=eps if m == Mode.ADAPTIVE else None,
         value_dtype=ValueDtype.from_code(vdt),
         index_bytes=(ib or None) if m != Mode.FULL else None,
+        index_coding=IndexCoding.from_code(ic),
     )
 
 
@@ -216,7 +220,7 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
     """Parse and validate a VERIFY body (token ids must be < vocab_size)."""
     r = _Reader(body, "VERIFY")
     rid = r.string()
-    (rnd, start, n_pos, temp, mode, k, eps, vdt, ib, rec, flags, n_tok) = r.unpack(
+    (rnd, start, n_pos, temp, mode, k, eps, vdt, ib, ic, rec, flags, n_tok) = r.unpack(
         _VERIFY.format.lstrip("<")
     )
     if n_tok > MAX_TOKENS:
@@ -226,7 +230,7 @@ def decode_verify(body: bytes, vocab_size: int) -> VerifyRequest:
     problems = []
     transmission = reconstruction = None
     try:
-        transmission = _transmission(mode, k, eps, vdt, ib)
+        transmission = _transmission(mode, k, eps, vdt, ib, ic)
     except ValueError as exc:
         problems.append(f"transmission ({exc})")
     try:
@@ -290,7 +294,7 @@ def decode_reply(body: bytes) -> VerifyReply:
 
 
 def verify_frame_bytes(request_id: str, n_tokens: int) -> int:
-    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 39 fixed + 4 per token."""
+    """Bytes of one VERIFY frame on the wire: 12 header + 2 + len(id) + 40 fixed + 4 per token."""
     return FRAME_OVERHEAD + 2 + len(request_id.encode("utf-8")) + _VERIFY.size + 4 * n_tokens
 
 

@@ -112,9 +112,13 @@ def _cleanup_stale(quiet: bool = False) -> None:
     from testbed.state import cleanup_recorded
 
     report = cleanup_recorded()
-    removed = {k: v for k, v in report.__dict__.items() if v and k != "errors"}
+    warnings = ("errors", "skipped", "bad_records")
+    removed = {k: v for k, v in report.__dict__.items() if v and k not in warnings}
     if removed and not quiet:
         print(f"testbed: removed leftovers of an earlier run: {removed}", file=sys.stderr)
+    for key in warnings:
+        for item in getattr(report, key, []) or []:
+            print(f"testbed: warning: state file {key.replace('_', ' ')}: {item}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -186,26 +190,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         with scenario_net(p, label="calibrate") as emu:
             for w in s.workers:
                 c = calibrate_pair(
-                    emu, w, "srv", tolerance=tol, pings=args.pings, duration_s=args.seconds
-                )
+                    emu, w, "srv", tolerance=tol, pings=args.pings, goodput=args.goodput,
+                    duration_s=args.seconds,
+                )  # fmt: skip
                 ok &= c.passed
                 results.append({"point": p.label, "backend": emu.backend, **c.as_dict()})
-                g = {x.src: x for x in c.goodput}
+                rate = {r.src: r for r in c.rate}
+                loss = {x.src: x for x in c.loss}
                 rows.append(
                     [
                         p.label,
                         f"{w}-srv",
                         emu.backend,
                         f"{c.configured_rtt_ms:.2f}",
-                        f"{c.rtt.mean_ms:.2f}",
+                        f"{c.rtt.median_ms:.2f}",
                         f"{c.rtt_error_ms:+.2f}",
                         *(
-                            f"{g[h].mbit:.2f}/{g[h].configured_mbit or 0:g} ({g[h].ratio:.3f})"
-                            if h in g and g[h].ratio
+                            f"{rate[h].mbit:.2f}/{rate[h].configured_mbit or 0:g} "
+                            f"({rate[h].ratio:.3f})"
+                            if h in rate and rate[h].ratio is not None
                             else "-"
                             for h in (w, "srv")
                         ),
-                        "PASS" if c.passed else "FAIL",
+                        *(
+                            f"{loss[h].lost}/{loss[h].sent} ({loss[h].configured_pct:g} %)"
+                            if h in loss
+                            else "-"
+                            for h in (w, "srv")
+                        ),
+                        c.attempts,
+                        "PASS" if c.passed else "FAIL: " + "; ".join(c.problems),
                     ]
                 )
     print(
@@ -216,10 +230,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "path",
                 "backend",
                 "RTT conf ms",
-                "RTT meas ms",
+                "RTT median ms",
                 "error ms",
-                "goodput up Mbit/s (ratio)",
-                "goodput down Mbit/s (ratio)",
+                "rate up Mbit/s (ratio)",
+                "rate down Mbit/s (ratio)",
+                "lost up (conf)",
+                "lost down (conf)",
+                "attempts",
                 "result",
             ],
             tablefmt="github",
@@ -325,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field")  # fmt: skip
     c.add_argument("--pings", type=int, default=100, help="RTT probes per path")
-    c.add_argument("--seconds", type=float, default=3.0, help="rate probe seconds per direction")
+    c.add_argument(
+        "--goodput", action="store_true", help="also measure TCP goodput each way (iperf3)"
+    )
+    c.add_argument("--seconds", type=float, default=3.0, help="TCP goodput seconds per direction")
     c.add_argument("--out", type=Path, default=Path("results"), help="results root")
     k = sub.add_parser(
         "clean",

@@ -1,17 +1,18 @@
 """Benchmarks of compute emulation (root, Mininet); each prints JSON.
 
-    python -m testbed.emubench fidelity [--scenario scenarios/demo.yaml] [--out DIR]
-        Run the scenario live, fit a device profile per role from that run's own records
+    python -m testbed.emubench fidelity [--scenario scenarios/demo.yaml] [--live-run DIR]
+        Run the scenario live (or take --live-run's live rows), fit a device profile per
+        role from that run's own records
         (its measured draft and verify times), replay the scenario with those profiles, and
         compare: the same tokens, ms/token per configuration (replay / live), and every
         replayed round against its analytic lower bound (profile compute + RTT + bytes/bw).
 
-    python -m testbed.emubench scale [--n 2,8,16,32] [--out DIR]
-        A star of 1 + N workers on heterogeneous links (5 / 20 / 100 Mbit/s, 5-50 ms one
-        way, mixed), two distinct worker models, full vs top-64 in replay with the shipped
-        device profiles: the run's own link calibration under that load, and the testbed's
-        own overhead per round (round time minus emulated compute minus the link's lower
-        bound) against N.
+    python -m testbed.emubench scale [--scenario scenarios/scale.yaml] [--out DIR]
+        A star of 1 + N workers (N = 2, 8, 16, 32) on heterogeneous links (5 / 20 / 100
+        Mbit/s, 5-50 ms one way, mixed), two distinct worker models, full vs top-64 in replay
+        with the shipped device profiles: the run's own link calibration under that load,
+        and the testbed's own overhead per round (round time minus emulated compute minus
+        the link's lower bound) against N.
 
 The lower bound of a round: its emulated draft, then per worker the path round trip, the
 request and reply serialized at the slowest link of their direction (wire bytes: TCP/IP/
@@ -129,12 +130,18 @@ def _without_compute_sweep(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+#: What tells configurations apart across a live and a replayed run (point ids differ).
+CONFIG = [
+    "transmission", "k", "epsilon", "value_dtype", "index_coding", "reconstruction", "gamma",
+    "temperature",
+]  # fmt: skip
+
+
 def _per_config(requests: pd.DataFrame) -> pd.DataFrame:
     ok = requests[(requests.status == "ok") & ~requests.warmup.astype(bool)]
-    keys = ["transmission", "k", "reconstruction", "gamma"]
     return (
-        ok.fillna({"k": -1, "reconstruction": "-"})
-        .groupby(keys, dropna=False)
+        ok.fillna({c: "-" for c in CONFIG})
+        .groupby(CONFIG, dropna=False)
         .agg(ms_per_token=("ms_per_token", "mean"), n=("request_id", "count"))
         .reset_index()
     )
@@ -145,9 +152,13 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
 
     raw = _without_compute_sweep(load_yaml(args.scenario))
     t0 = time.monotonic()
-    live_dir = _run({**raw, "compute": {"mode": "live"}}, "emubench-live", args.out)
+    if args.live_run is not None:  # an earlier run's live rows (e.g. make demo's)
+        live_dir = args.live_run
+    else:
+        live_dir = _run({**raw, "compute": {"mode": "live"}}, "emubench-live", args.out)
     t_live = time.monotonic() - t0
     rounds = pd.read_csv(live_dir / "rounds.csv")
+    rounds = rounds[rounds.compute_mode == "live"]
     models = raw["models"]
     dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
     prov = make_provenance(sys.argv, notes=f"fitted from the live run {live_dir}")
@@ -166,9 +177,12 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     )
     t_replay = time.monotonic() - t1
     lq, rq = pd.read_csv(live_dir / "requests.csv"), pd.read_csv(replay_dir / "requests.csv")
-    same = lq.merge(rq, on=["point", "prompt_id"], suffixes=("_live", "_replay"))
-    keys = ["transmission", "k", "reconstruction", "gamma"]
-    cmp = _per_config(lq).merge(_per_config(rq), on=keys, suffixes=("_live", "_replay"))
+    lq = lq[lq.compute_mode == "live"]
+    same = lq.fillna({c: "-" for c in CONFIG}).merge(
+        rq.fillna({c: "-" for c in CONFIG}), on=[*CONFIG, "rep", "prompt_id"],
+        suffixes=("_live", "_replay"),
+    )  # fmt: skip
+    cmp = _per_config(lq).merge(_per_config(rq), on=CONFIG, suffixes=("_live", "_replay"))
     cmp["ratio"] = cmp.ms_per_token_replay / cmp.ms_per_token_live
     lb = lower_bounds(pd.read_csv(replay_dir / "rounds.csv"))
     return {
@@ -191,46 +205,26 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def scale_scenario(n: int) -> dict[str, Any]:
-    """Star of 1 + n workers, heterogeneous links, two worker models, full vs top-64."""
-    bws, delays = [5, 20, 100], [5, 20, 50]
-    links: dict[str, Any] = {"default": {"bw_mbit": 100, "delay_ms": 1},
-                             "srv": {"bw_mbit": 1000, "delay_ms": 1}}  # fmt: skip
-    workers = {}
-    for i in range(1, n + 1):
-        links[f"w{i}"] = {"bw_mbit": bws[(i - 1) % 3], "delay_ms": delays[((i - 1) // 3) % 3]}
-        workers[f"w{i}"] = "qwen2.5-coder-1.5b" if i % 2 else "qwen2.5-coder-0.5b"
-    return {
-        "seed": 5,
-        "topology": {"name": "star", "params": {"n_workers": n}},
-        "links": links,
-        "models": {"draft": "qwen2.5-coder-0.5b", "workers": workers, "dtype": "bf16"},
-        "decoding": {"gamma": 4, "temperature": 1.0, "max_new_tokens": 32,
-                     "prompts": "humaneval[:2]"},
-        "transmission": {"mode": "topk", "k": 64},
-        "sweep": {"transmission": ["topk", "full"]},
-        "compute": {"mode": "replay", "profiles": "auto"},
-        "timeouts": {"worker_ready_s": 600, "point_s": 3600},
-    }  # fmt: skip
-
-
 def scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the scale scenario (N workers per sweep block) and report per N."""
+    raw = load_yaml(args.scenario)
+    t0 = time.monotonic()
+    run_dir = _run(raw, "emubench-scale", args.out)
+    wall = time.monotonic() - t0
+    meta = json.loads((run_dir / "meta.json").read_text())
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    lb = lower_bounds(rounds)
     results = []
-    for n in [int(x) for x in args.n.split(",")]:
-        t0 = time.monotonic()
-        run_dir = _run(scale_scenario(n), f"emubench-scale-n{n}", args.out)
-        wall = time.monotonic() - t0
-        meta = json.loads((run_dir / "meta.json").read_text())
-        cal = [c for g in meta["groups"] for c in g.get("calibration", [])]
-        lb = lower_bounds(pd.read_csv(run_dir / "rounds.csv"))
+    for n, part_n in lb.groupby("n_workers"):
+        groups = [g for g in meta["groups"] if g["values"].get("topology.params.n_workers") == n]
+        cal = [c for g in groups for c in g.get("calibration", [])]
         row: dict[str, Any] = {
-            "n_workers": n,
-            "run": str(run_dir),
-            "wall_s": round(wall, 1),
+            "n_workers": int(n),
             "calibration_passed": f"{sum(bool(c['passed']) for c in cal)}/{len(cal)}",
+            "group_wall_s": round(sum(g.get("wall_s", 0.0) for g in groups), 1),
         }
-        for mode, part in lb.groupby("transmission"):
-            row[mode] = {
+        for mode, part in part_n.groupby("transmission"):
+            row[str(mode)] = {
                 "rounds": len(part),
                 "overhead_ms_median": float(part.overhead_ms.median()),
                 "overhead_ms_p90": float(np.percentile(part.overhead_ms, 90)),
@@ -238,8 +232,12 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                 "share_within_1.05": float((part.ratio <= 1.05).mean()),
             }
         results.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    return {"scale": results, "targets": {"topk_overhead_ms_median": {"2": 2.0, "32": 5.0}}}
+    return {
+        "run": str(run_dir),
+        "wall_s": round(wall, 1),
+        "scale": results,
+        "targets": {"topk_overhead_ms_median": {"2": 2.0, "32": 5.0}},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fidelity", help="live vs replay with profiles fitted from the live run")
     f.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "demo.yaml")
+    f.add_argument(
+        "--live-run",
+        type=Path,
+        default=None,
+        help="use this run's live rows (compute_mode live; e.g. a `make demo` run of the same "
+        "scenario) instead of running the scenario live first",
+    )
     f.add_argument("--out", type=Path, default=REPO / "bench-results")
     s = sub.add_parser("scale", help="testbed overhead per round vs the number of workers")
-    s.add_argument("--n", default="2,8,16,32", help="worker counts, comma-separated")
+    s.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "scale.yaml")
     s.add_argument("--out", type=Path, default=REPO / "bench-results")
     args = ap.parse_args(argv)
     result = fidelity(args) if args.cmd == "fidelity" else scale(args)

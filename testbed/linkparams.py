@@ -16,6 +16,10 @@ Vocabulary and units follow Mininet's ``TCLink`` options, so that a link configu
 ``max_queue_size``
     drop-tail queue limit in packets (MTU-sized segments) waiting for the link; ``None``
     = sized from the bandwidth-delay product by :func:`default_queue_packets`.
+``trace``
+    a :class:`RateTrace` (not a TCLink option: the tap backend only): the rate (and, for a
+    CSV step trace, delay and loss) follows a trace file over time instead of ``bw``.
+    :func:`rate_at` gives its rate at a time since the trace clock started.
 
 A :class:`DirectionParams` holds one direction; a :class:`LinkSpec` holds both: ``up`` is
 node1 -> node2 (for a host attached to a switch, host -> switch), ``down`` the reverse.
@@ -23,11 +27,27 @@ node1 -> node2 (for a host attached to a switch, host -> switch), ``down`` the r
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import math
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
+
+from testbed.tapfwd import (
+    OPPORTUNITY_BYTES,
+    TRACE_FORMATS,
+    OpportunitySchedule,
+    Step,
+    StepSchedule,
+    TraceError,
+    check_loop,
+    parse_trace,
+)
 
 #: Bytes of a full-sized Ethernet frame without FCS (MTU 1500 + 14 header): the unit in
 #: which a queue of "packets" is converted to and from bytes.
@@ -38,8 +58,11 @@ QUEUE_BDP_FACTOR = 2.0
 #: fit and BBR/CUBIC lose heavily on short, slow links.
 QUEUE_FLOOR_PKTS = 64
 
-#: The TCLink options this module understands (both backends honour all of them).
-EMULATION_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
+#: The TCLink options this module understands (both backends honour all of them, but
+#: ``trace``, which only the tap backend can follow).
+EMULATION_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size", "trace")
+#: Window (s) over which :func:`rate_at` counts a Mahimahi trace's delivery opportunities.
+RATE_WINDOW_S = 1.0
 #: TCLink options that only Mininet's tc path understands (rejected by the tap backend).
 TC_ONLY_KEYS = (
     "speedup",
@@ -168,6 +191,222 @@ def default_queue_packets(
     return max(math.ceil(factor * bdp_packets(bw_mbit, rtt_ms, frame_bytes)), floor)
 
 
+# --------------------------------------------------------------------------- rate traces
+
+
+@functools.lru_cache(maxsize=32)
+def _read_trace(path: str, fmt: str, mtime_ns: int, size: int) -> tuple[tuple[Any, ...], str]:
+    """(parsed schedule, sha256 hex of the bytes) of a trace file; cached per file version
+    (``mtime_ns`` and ``size`` are the cache key's version, not read)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    return parse_trace(text, fmt, path), hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class RateTrace:
+    """A trace a link direction follows: its rate (for ``csv``, also its delay and loss)
+    over time, as numbers parsed from ``file``.
+
+    ``format``: ``mahimahi`` (``opportunities_ms``: delivery-opportunity times in ms, one
+    per 1500 bytes of IP packet, non-decreasing; the last is the trace's length) or
+    ``csv`` (``steps``: ``(t_s, bw_mbit, delay_ms | None, loss_pct | None)`` from t_s = 0
+    on; None keeps the direction's fixed value). ``loop``: repeat it (its length is the
+    last timestamp / the last row's ``t_s``); else after its end the last rate holds (csv:
+    the last row; mahimahi: the mean rate). ``start_s``: the trace time (s) at which the
+    trace clock starts. ``sha256`` of the file's bytes. Build one with :meth:`load`, which
+    uses the one parser (:mod:`testbed.tapfwd`'s, the forwarder's own).
+    """
+
+    file: str
+    format: str
+    loop: bool = True
+    start_s: float = 0.0
+    opportunities_ms: tuple[int, ...] = field(default=(), repr=False)
+    steps: tuple[Step, ...] = field(default=(), repr=False)
+    sha256: str = ""
+    _clock: Any = field(default=None, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        where = f"trace {self.file}"
+        if self.format not in TRACE_FORMATS:
+            raise LinkParamError(
+                f"{where}: format {self.format!r}: expected {' or '.join(TRACE_FORMATS)}"
+            )
+        if not isinstance(self.loop, bool):
+            raise LinkParamError(f"{where}: loop must be true or false, got {self.loop!r}")
+        start = _number(self.start_s, where, "start_s")
+        if start < 0:
+            raise LinkParamError(f"{where}: start_s: must be >= 0 s, got {self.start_s!r}")
+        mine, other = (
+            (self.opportunities_ms, self.steps)
+            if self.format == "mahimahi"
+            else (self.steps, self.opportunities_ms)
+        )
+        if not mine or other:
+            raise LinkParamError(
+                f"{where}: a {self.format} trace has "
+                f"{'opportunities_ms' if self.format == 'mahimahi' else 'steps'} (only)"
+            )
+        if self.format == "mahimahi" and self.opportunities_ms[-1] <= 0:
+            raise LinkParamError(f"{where}: the last opportunity (its length) must be > 0 ms")
+        try:
+            check_loop(mine, self.format, self.loop, where)
+        except TraceError as exc:
+            raise LinkParamError(str(exc)) from None
+
+    @classmethod
+    def load(
+        cls, file: str | os.PathLike[str], format: str, loop: bool = True, start_s: float = 0.0
+    ) -> RateTrace:
+        """Read and parse a trace file (cached per file version). Raises
+        :class:`TraceError` naming the file (and the line) if it is missing or malformed."""
+        path = Path(file).expanduser().resolve()
+        if format not in TRACE_FORMATS:
+            raise TraceError(f"{path}: unknown trace format {format!r} (expected mahimahi or csv)")
+        try:
+            st = path.stat()
+            if not path.is_file():
+                raise TraceError(f"{path}: not a file")
+            schedule, digest = _read_trace(str(path), format, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            raise TraceError(f"{path}: no such trace file") from None
+        except OSError as exc:
+            raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None
+        check_loop(schedule, format, loop, str(path))
+        key = "opportunities_ms" if format == "mahimahi" else "steps"
+        return cls(str(path), format, loop, float(start_s), sha256=digest, **{key: schedule})
+
+    @classmethod
+    def from_options(cls, value: Any, *, where: str = "") -> RateTrace:
+        """A RateTrace as given, or loaded from a mapping ``{file, format, loop, start_s}``."""
+        if isinstance(value, RateTrace):
+            return value
+        if not isinstance(value, Mapping) or "file" not in value or "format" not in value:
+            raise LinkParamError(
+                f"{_where(where, 'trace')}: expected a RateTrace or a mapping "
+                f"{{file, format, loop, start_s}}, got {value!r}"
+            )
+        unknown = sorted(set(value) - {"file", "format", "loop", "start_s"})
+        if unknown:
+            raise LinkParamError(f"{_where(where, 'trace')}: unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls.load(
+                value["file"],
+                value["format"],
+                bool(value.get("loop", True)),
+                float(value.get("start_s", 0.0)),
+            )
+        except TraceError as exc:
+            raise LinkParamError(f"{_where(where, 'trace')}: {exc}") from None
+
+    @property
+    def name(self) -> str:
+        """The trace's name: its file name (``Verizon-LTE-driving.down``, ``steps.csv``)."""
+        return Path(self.file).name
+
+    @property
+    def period_s(self) -> float:
+        """The trace's length (s): its period when it loops."""
+        if self.format == "mahimahi":
+            return self.opportunities_ms[-1] / 1e3
+        return self.steps[-1][0]
+
+    @property
+    def mean_mbit(self) -> float:
+        """Mean rate (Mbit/s) over the trace's length (a one-row CSV: its rate)."""
+        if self.format == "mahimahi":
+            bits = len(self.opportunities_ms) * OPPORTUNITY_BYTES * 8
+            return bits / (self.opportunities_ms[-1] / 1e3) / 1e6
+        s = self.steps
+        if len(s) == 1:
+            return s[0][1]
+        return sum(a[1] * (b[0] - a[0]) for a, b in itertools.pairwise(s)) / s[-1][0]
+
+    @property
+    def peak_mbit(self) -> float:
+        """Highest rate (Mbit/s): a CSV trace's largest step, a Mahimahi trace's busiest
+        second (its mean if it is shorter than that)."""
+        if self.format == "csv":
+            return max(s[1] for s in self.steps)
+        ms = self.opportunities_ms
+        if ms[-1] <= 1000:
+            return self.mean_mbit
+        per_s: dict[int, int] = {}
+        for t in ms:
+            per_s[t // 1000] = per_s.get(t // 1000, 0) + 1
+        return max(per_s.values()) * OPPORTUNITY_BYTES * 8 / 1e6
+
+    def clock(self) -> StepSchedule | OpportunitySchedule:
+        """The forwarder's schedule of this trace on a clock that starts at 0 (trace time
+        ``start_s``), as :func:`rate_at` reads it (built once)."""
+        if self._clock is None:
+            sched: StepSchedule | OpportunitySchedule
+            if self.format == "csv":
+                sched = StepSchedule(self.steps, self.loop, -self.start_s, 0.0, 0.0)
+            else:
+                sched = OpportunitySchedule(self.opportunities_ms, self.loop, -self.start_s)
+            object.__setattr__(self, "_clock", sched)
+        return self._clock
+
+    def forwarder_args(self, tag: str) -> list[str]:
+        """The forwarder's options for this trace on direction ``tag`` (``ab``/``ba``)."""
+        return [
+            f"--trace-{tag}", self.file,
+            f"--trace-format-{tag}", self.format,
+            f"--trace-loop-{tag}", "1" if self.loop else "0",
+            f"--trace-start-{tag}", repr(float(self.start_s)),
+            f"--trace-sha256-{tag}", self.sha256,
+        ]  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        """What the results record of it: name, file, sha256, format, loop, start_s,
+        period_s, mean and peak Mbit/s (not the schedule)."""
+        return {
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "format": self.format,
+            "loop": self.loop,
+            "start_s": self.start_s,
+            "period_s": self.period_s,
+            "mean_mbit": self.mean_mbit,
+            "peak_mbit": self.peak_mbit,
+        }
+
+
+def rate_at(trace: RateTrace, t_s: float, window_s: float = RATE_WINDOW_S) -> float:
+    """The rate (Mbit/s) ``trace`` gives its link ``t_s`` seconds after the trace clock
+    started (for a run: a time.monotonic() value minus the link's ``trace_start_mono_s``
+    in meta.json), with its ``start_s``, loop and end applied as the forwarder does.
+
+    CSV: the step's ``bw_mbit`` (Ethernet frames). Mahimahi: the delivery opportunities
+    in ``[t_s, t_s + window_s)`` x 1500 bytes (IP packets) / ``window_s``.
+    """
+    clock = trace.clock()
+    if isinstance(clock, StepSchedule):
+        return trace.steps[clock.index(t_s)][1]
+    if window_s <= 0:
+        raise ValueError(f"rate_at: window_s must be > 0, got {window_s!r}")
+    tau_ms = (t_s + trace.start_s) * 1e3
+    n = clock.count_before(tau_ms + window_s * 1e3) - clock.count_before(tau_ms)
+    return n * OPPORTUNITY_BYTES * 8 / window_s / 1e6
+
+
+def trace_params_at(trace: RateTrace, t_s: float) -> tuple[float, float | None, float | None]:
+    """``(bw_mbit, delay_ms, loss_pct)`` of ``trace`` at ``t_s`` (as :func:`rate_at`);
+    delay and loss are None where the trace leaves the direction's fixed values (always
+    for Mahimahi traces)."""
+    clock = trace.clock()
+    if isinstance(clock, StepSchedule):
+        _t, bw, delay, loss = trace.steps[clock.index(t_s)]
+        return bw, delay, loss
+    return rate_at(trace, t_s), None, None
+
+
 @dataclass(frozen=True)
 class DirectionParams:
     """One direction of an emulated link (what leaves one end toward the other).
@@ -175,7 +414,9 @@ class DirectionParams:
     Attributes: ``bw_mbit`` rate in Mbit/s (None = unlimited); ``delay_ms`` one-way delay
     in ms; ``jitter_ms`` +- uniform variation of the delay in ms; ``loss_pct`` random loss
     in %; ``max_queue_size`` queue limit in packets (None = BDP default, see
-    :func:`default_queue_packets`).
+    :func:`default_queue_packets`); ``trace`` a :class:`RateTrace` the rate follows
+    instead of ``bw_mbit`` (which must then be None); a CSV trace's steps may also set the
+    delay and loss, ``delay_ms`` / ``loss_pct`` fill the steps that leave them empty.
     """
 
     bw_mbit: float | None = None
@@ -183,6 +424,7 @@ class DirectionParams:
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
     max_queue_size: int | None = None
+    trace: RateTrace | None = None
 
     def __post_init__(self) -> None:
         # Validate values given directly (from_options validates too, with context).
@@ -191,23 +433,31 @@ class DirectionParams:
         parse_time_ms(self.jitter_ms, key="jitter_ms")
         parse_loss_pct(self.loss_pct, key="loss_pct")
         parse_queue_pkts(self.max_queue_size, key="max_queue_size")
+        _check_trace(self.trace, self.bw_mbit, "")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, where: str = "") -> DirectionParams:
         """Build from TCLink-style options (``bw``, ``delay``, ``jitter``, ``loss``,
-        ``max_queue_size``); other keys raise :class:`LinkParamError` naming them."""
+        ``max_queue_size``, and ``trace``: a :class:`RateTrace` or a mapping ``{file,
+        format, loop, start_s}``); other keys raise :class:`LinkParamError` naming them."""
         unknown = sorted(set(options) - set(EMULATION_KEYS))
         if unknown:
             raise LinkParamError(
                 f"{where or 'link'}: unknown option(s) {', '.join(unknown)} "
                 f"(known: {', '.join(EMULATION_KEYS)})"
             )
+        bw = parse_bw_mbit(options.get("bw"), where=where)
+        trace = options.get("trace")
+        if trace is not None:
+            trace = RateTrace.from_options(trace, where=where)
+            _check_trace(trace, bw, where)
         return cls(
-            bw_mbit=parse_bw_mbit(options.get("bw"), where=where),
+            bw_mbit=bw,
             delay_ms=parse_time_ms(options.get("delay"), where=where, key="delay"),
             jitter_ms=parse_time_ms(options.get("jitter"), where=where, key="jitter"),
             loss_pct=parse_loss_pct(options.get("loss"), where=where),
             max_queue_size=parse_queue_pkts(options.get("max_queue_size"), where=where),
+            trace=trace,
         )
 
     def to_options(self) -> dict[str, Any]:
@@ -224,17 +474,43 @@ class DirectionParams:
             opts["loss"] = self.loss_pct
         if self.max_queue_size is not None:
             opts["max_queue_size"] = self.max_queue_size
+        if self.trace is not None:
+            opts["trace"] = self.trace
         return opts
 
+    @property
+    def nominal_bw_mbit(self) -> float | None:
+        """The rate queues are sized for (Mbit/s): ``bw_mbit``, or the trace's peak."""
+        return self.bw_mbit if self.trace is None else self.trace.peak_mbit
+
     def with_default_queue(self, rtt_ms: float) -> DirectionParams:
-        """This direction with ``max_queue_size`` filled from the BDP over ``rtt_ms`` if unset."""
+        """This direction with ``max_queue_size`` filled from the BDP over ``rtt_ms`` if
+        unset (at the trace's peak rate for a trace-driven direction)."""
         if self.max_queue_size is not None:
             return self
-        return replace(self, max_queue_size=default_queue_packets(self.bw_mbit, rtt_ms))
+        return replace(self, max_queue_size=default_queue_packets(self.nominal_bw_mbit, rtt_ms))
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict (for result metadata)."""
-        return asdict(self)
+        """Plain dict (for result metadata); the trace as :meth:`RateTrace.summary`
+        (None without one)."""
+        out = asdict(replace(self, trace=None))
+        out["trace"] = self.trace.summary() if self.trace is not None else None
+        return out
+
+
+def _check_trace(trace: Any, bw_mbit: float | None, where: str) -> None:
+    """A trace is a :class:`RateTrace` and comes without a fixed rate."""
+    if trace is None:
+        return
+    if not isinstance(trace, RateTrace):
+        raise LinkParamError(
+            f"{_where(where, 'trace')}: expected a RateTrace, got {type(trace).__name__}"
+        )
+    if bw_mbit is not None:
+        raise LinkParamError(
+            f"{_where(where, 'trace')}: give a rate (bw) or a trace, not both: the trace "
+            "sets the rate"
+        )
 
 
 @dataclass(frozen=True)
@@ -257,9 +533,10 @@ class LinkSpec:
         jitter_ms: float = 0.0,
         loss_pct: float = 0.0,
         max_queue_size: int | None = None,
+        trace: RateTrace | None = None,
     ) -> LinkSpec:
         """The same parameters in both directions (delay is still one-way per direction)."""
-        d = DirectionParams(bw_mbit, delay_ms, jitter_ms, loss_pct, max_queue_size)
+        d = DirectionParams(bw_mbit, delay_ms, jitter_ms, loss_pct, max_queue_size, trace)
         return cls(up=d, down=d)
 
     @classmethod
@@ -288,6 +565,11 @@ class LinkSpec:
                 merged, where=f"{where} ({name})" if where else name
             )
         return cls(up=out["up"], down=out["down"])
+
+    @property
+    def has_trace(self) -> bool:
+        """Whether a direction follows a :class:`RateTrace` (only the tap backend can)."""
+        return self.up.trace is not None or self.down.trace is not None
 
     @property
     def rtt_ms(self) -> float:

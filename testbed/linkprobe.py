@@ -20,6 +20,20 @@ server - replies received. Output JSON: ``sent``, ``server_rx``, ``received``,
 With ``--icmp`` the probe sends ICMP echo requests from a raw socket instead and the
 destination's kernel answers (no process to wake there, as with ping): the RTT measure.
 
+The rate measure is a paced UDP packet train::
+
+    linkprobe.py sink --port P                 # prints READY, then one JSON line at END
+    linkprobe.py train --dst IP --port P --count N --rate MBIT [--size 1472]
+                                               # prints one JSON line: sent, send_s
+
+``train`` sends ``--count`` packets of ``--size`` UDP payload bytes paced at ``--rate``
+Mbit/s of Ethernet frames (payload + 42 bytes of UDP, IP and Ethernet headers), catching
+up at once on packets that fell due while it was descheduled, then END packets. ``sink``
+timestamps each arrival in the kernel (SO_TIMESTAMPNS, so its own wake-up latency does not
+count), has a large receive buffer, and counts the packets its socket dropped
+(SO_RXQ_OVFL). Its JSON: ``received``, ``size`` (payload bytes), ``seq`` and ``t_ns``
+(per packet, in arrival order; ns after the first arrival), ``socket_drops``.
+
 ``--rt-priority N`` runs the probe SCHED_FIFO so that a busy CPU does not add its
 scheduling delay to what is meant to be the network's.
 """
@@ -37,7 +51,13 @@ import sys
 import time
 
 HDR = struct.Struct("!BIQI")  # type, seq, client send time (ns), server rx count
-PROBE, REPLY, COUNT_REQ, COUNT_REPLY, WARM = 1, 2, 3, 4, 5
+PROBE, REPLY, COUNT_REQ, COUNT_REPLY, WARM, TRAIN, END = 1, 2, 3, 4, 5, 6, 7
+UDP_IP_ETH_BYTES = 42  # 8 UDP + 20 IPv4 + 14 Ethernet (no FCS)
+# <asm-generic/socket.h>; on 64-bit Linux the "old" timestamp is a 64-bit timespec
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SINK_RCVBUF = 32 << 20  # bytes: a whole train, even if the sink is not scheduled
 
 
 def _realtime(priority: int) -> None:
@@ -137,6 +157,84 @@ def ping(
     }
 
 
+def sink(port: int, first_timeout_s: float, idle_s: float) -> dict[str, object]:
+    """Receive one train: from the first packet until END or ``idle_s`` without packets
+    (``first_timeout_s`` for the first). Arrival times are the kernel's (SO_TIMESTAMPNS)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SINK_RCVBUF)
+    except OSError:  # not root: as much as rmem_max allows
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SINK_RCVBUF)
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    s.bind(("0.0.0.0", port))
+    print("READY", flush=True)
+    seqs: list[int] = []
+    stamps: list[int] = []
+    size = 0
+    drops = 0
+    timeout = first_timeout_s
+    anc = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(4)
+    while True:
+        if not select.select([s], [], [], timeout)[0]:
+            break
+        data, ancdata, _flags, _addr = s.recvmsg(65536, anc)
+        if len(data) < HDR.size:
+            continue
+        kind, seq, _t, _ = HDR.unpack_from(data)
+        if kind == END:
+            break
+        if kind != TRAIN:
+            continue
+        t_ns = time.time_ns()  # fallback if the kernel gave no timestamp
+        for level, ctype, cdata in ancdata:
+            if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS and len(cdata) >= 16:
+                sec, nsec = struct.unpack_from("qq", cdata)
+                t_ns = sec * 1_000_000_000 + nsec
+            elif level == socket.SOL_SOCKET and ctype == SO_RXQ_OVFL and len(cdata) >= 4:
+                drops = struct.unpack_from("I", cdata)[0]
+        seqs.append(seq)
+        stamps.append(t_ns)
+        size = len(data)
+        timeout = idle_s
+    t0 = stamps[0] if stamps else 0
+    return {
+        "received": len(seqs),
+        "size": size,
+        "seq": seqs,
+        "t_ns": [t - t0 for t in stamps],
+        "socket_drops": drops,
+    }
+
+
+def train(dst: str, port: int, count: int, rate_mbit: float, size: int) -> dict[str, object]:
+    """Send ``count`` TRAIN packets of ``size`` payload bytes paced at ``rate_mbit`` Mbit/s
+    of Ethernet frames (late packets go at once), then 5 END packets 20 ms apart."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.connect((dst, port))
+    pad = b"\0" * max(0, size - HDR.size)
+    gap_ns = (size + UDP_IP_ETH_BYTES) * 8 / (rate_mbit * 1e6) * 1e9
+    clock = time.monotonic_ns
+    sent = 0
+    start = clock()
+    for i in range(count):
+        wait_ns = start + int(i * gap_ns) - clock()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)  # never spin: forwarders share our priority
+        try:
+            s.send(HDR.pack(TRAIN, i, clock(), 0) + pad)
+            sent += 1
+        except OSError:  # ENOBUFS: the local queue is full; the packet is not sent
+            pass
+    send_s = (clock() - start) / 1e9
+    for i in range(5):
+        with contextlib.suppress(OSError):
+            s.send(HDR.pack(END, count + i, clock(), 0))
+        time.sleep(0.02)
+    return {"sent": sent, "count": count, "send_s": send_s}
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -219,8 +317,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="ICMP echo (kernel answers; no echo server, no per-direction loss)",
     )
+    k = sub.add_parser("sink")
+    k.add_argument("--port", type=int, required=True)
+    k.add_argument("--first-timeout", type=float, default=10.0, help="s to wait for the first")
+    k.add_argument("--idle", type=float, default=1.0, help="s without packets that end it")
+    k.add_argument("--rt-priority", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--dst", required=True)
+    t.add_argument("--port", type=int, required=True)
+    t.add_argument("--count", type=int, default=100)
+    t.add_argument("--rate", type=float, required=True, help="Mbit/s of Ethernet frames")
+    t.add_argument("--size", type=int, default=1472, help="UDP payload bytes")
+    t.add_argument("--rt-priority", type=int, default=0)
     o = ap.parse_args(argv)
     _realtime(o.rt_priority)
+    if o.mode == "sink":
+        print(json.dumps(sink(o.port, o.first_timeout, o.idle)), flush=True)
+        return 0
+    if o.mode == "train":
+        print(json.dumps(train(o.dst, o.port, o.count, o.rate, o.size)))
+        return 0
     if o.mode == "echo":
         with contextlib.suppress(KeyboardInterrupt):
             echo(o.port)

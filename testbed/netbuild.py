@@ -43,5 +43,9 @@ def tolerance(network: Network) -> Tolerance:
     from testbed.calibrate import Tolerance
 
     return Tolerance(
-        network.rtt_tolerance_ms, network.rtt_tolerance_pct / 100, network.goodput_min_ratio
+        rtt_abs_ms=network.rtt_tolerance_ms,
+        rtt_rel=network.rtt_tolerance_pct / 100,
+        goodput_ratio=network.goodput_min_ratio,
+        rate_rel=network.rate_tolerance_pct / 100,
+        loss_sigmas=network.loss_sigmas,
     )

@@ -62,9 +62,45 @@ def _payload_bytes(point: ScenarioPoint, vocab: int) -> float:
     return float(t.codec().encoded_size(positions, vocab)) + 60
 
 
+def _path(topo: Any, per: dict[Any, Any], default: Any, a: str, b: str) -> tuple[float, float]:
+    """(round-trip delay ms, bottleneck rate a -> b in Mbit/s) along the topology's path."""
+    links = topo.links()
+    adj: dict[str, list[str]] = {}
+    for x, y in links:
+        adj.setdefault(x, []).append(y)
+        adj.setdefault(y, []).append(x)
+    prev: dict[str, str] = {a: a}
+    queue = [a]
+    while queue:
+        node = queue.pop(0)
+        for nxt in adj.get(node, []):
+            if nxt not in prev:
+                prev[nxt] = node
+                queue.append(nxt)
+    rtt, bw, node = 0.0, math.inf, b
+    while node != a and node in prev:
+        x, y = prev[node], node  # traversed x -> y on the way from a to b
+        if (x, y) in per:
+            spec = per[(x, y)]
+        elif (y, x) in per:
+            spec = per[(y, x)].reversed()
+        elif x in per:  # a host's access link: up = host -> switch
+            spec = per[x]
+        elif y in per:
+            spec = per[y].reversed()
+        else:
+            spec = default
+        rtt += spec.rtt_ms
+        up = spec.up
+        rate = up.trace.mean_mbit if up.trace is not None else up.bw_mbit  # a trace: its mean
+        if rate is not None:
+            bw = min(bw, rate)
+        node = x
+    return rtt, bw
+
+
 def _request_seconds(point: ScenarioPoint, acceptance: float) -> tuple[float, bool]:
-    from testbed.linkparams import LinkSpec  # noqa: F401  (typed links below)
-    from testbed.scenario import link_specs
+    from testbed.scenario import build_topology, link_specs
 
     s = point.scenario.spec
     req = point.request
@@ -79,9 +115,8 @@ def _request_seconds(point: ScenarioPoint, acceptance: float) -> tuple[float, bo
             complete = False
         else:
             draft_ms = draft.draft_ms(1, context, req.gamma)
-    hosts = ["srv", *s.models.workers]
-    default, per = link_specs(s.links, hosts, [(h, "s1") for h in hosts])
-    srv = per.get("srv", default)
+    topo = build_topology(point.scenario)
+    default, per = link_specs(s.links, topo.hosts(), topo.links(), s.topology.name)
     payload = _payload_bytes(point, vocab)
     slowest = 0.0
     for w, model in s.models.workers.items():
@@ -91,11 +126,18 @@ def _request_seconds(point: ScenarioPoint, acceptance: float) -> tuple[float, bo
             complete = False
         else:
             verify_ms = prof.verify_ms(req.gamma + 1, context, req.gamma + 1)
-        link = per.get(w, default)
-        rtt = link.rtt_ms + srv.rtt_ms
-        up_bw = min(x for x in (link.up.bw_mbit, srv.down.bw_mbit, math.inf) if x is not None)
+        rtt, up_bw = _path(topo, per, default, w, "srv")
         ser_ms = payload * 8 / (up_bw * 1e6) * 1e3 if math.isfinite(up_bw) else 0.0
         slowest = max(slowest, rtt + verify_ms + ser_ms)
+    # every reply also crosses the server's own access link, one after another
+    srv_in, srv_links = math.inf, [k for k in topo.links() if "srv" in k]
+    if srv_links:
+        a, b = srv_links[0]
+        spec = per.get("srv", per.get((a, b), default))
+        down = spec.down if a == "srv" or "srv" in per else spec.up
+        srv_in = down.bw_mbit if down.bw_mbit is not None else math.inf
+    shared_ms = len(s.models.workers) * payload * 8 / (srv_in * 1e6) * 1e3
+    slowest = max(slowest, shared_ms)
     rounds = math.ceil(s.decoding.max_new_tokens / tokens)
     return rounds * (draft_ms + slowest) / 1e3, complete
 

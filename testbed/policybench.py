@@ -94,10 +94,7 @@ def setting_scenario(
                 )
             raw["links"]["w2"] = w2_link
     elif setting == "star32":
-        from testbed.emubench import scale_scenario
-
-        raw = scale_scenario(32)
-        raw.pop("sweep", None)
+        raw = _scale_block(32)
         raw["compute"] = {"mode": "replay", "profiles": "recorded"}
     else:
         raise SystemExit(f"policybench: unknown setting {setting!r} (demo, demo-trace, star32)")
@@ -113,6 +110,18 @@ def setting_scenario(
     if models == "tiny":
         raw["models"] = _tiny_models(raw["models"])
     return raw
+
+
+def _scale_block(n_workers: int) -> dict[str, Any]:
+    """scenarios/scale.yaml with its N = `n_workers` block applied (models, links), no sweep."""
+    raw = load_yaml(REPO / "scenarios" / "scale.yaml")
+    for block in raw.pop("sweep"):
+        if block["topology.params.n_workers"] == [n_workers]:
+            raw["topology"]["params"]["n_workers"] = n_workers
+            raw["models"]["workers"] = block["models.workers"][0]
+            raw["links"] = block["links"][0]
+            return raw
+    raise SystemExit(f"policybench: scenarios/scale.yaml has no block with N = {n_workers}")
 
 
 def _tiny_models(m: dict[str, Any]) -> dict[str, Any]:

@@ -78,7 +78,10 @@ class Meta:
 def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
     """Constant columns for the tables: the parameters (effective, queues included) of every
     link, and the link backend. A host's access link is named by the host (`w1_up_bw_mbit`,
-    up = host -> switch), any other link by its nodes (`e1-s0_up_bw_mbit`, up = e1 -> s0)."""
+    up = host -> switch), any other link by its nodes (`e1-s0_up_bw_mbit`, up = e1 -> s0).
+    `w1_up_trace` names the trace a direction's rate follows ("" for none; its `bw_mbit`
+    is then ""): the rate at a moment comes from meta.json's `trace_start_mono_s` of the
+    link and testbed.linkparams.rate_at."""
     tags: dict[str, Any] = {"link_backend": emu.backend}
     hosts = {*workers, "srv"}
     for (a, b), spec in emu.links.items():
@@ -93,19 +96,21 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
             tags[f"{name}_{d}_jitter_ms"] = p.jitter_ms
             tags[f"{name}_{d}_loss_pct"] = p.loss_pct
             tags[f"{name}_{d}_queue_pkts"] = p.max_queue_size
+            tags[f"{name}_{d}_trace"] = p.trace.name if p.trace is not None else ""
     return tags
 
 
 def calibrated_estimates(calibration: Sequence[dict[str, Any]]) -> dict[str, LinkEstimate]:
     """Worker host -> its path to the server as calibrated (`LinkCalibration.as_dict()` of
-    calibrate_pair(worker, "srv")): the measured mean RTT and worker -> server TCP goodput;
+    calibrate_pair(worker, "srv")): the measured median RTT (mean in older records) and
+    worker -> server TCP goodput;
     what link-aware K starts from in a live run."""
     out = {}
     for cal in calibration:
         up = next((g for g in cal.get("goodput", []) if g["src"] == cal["a"]), None)
         out[cal["a"]] = LinkEstimate(
             up_mbit=up["mbit"] if up and up["mbit"] > 0 else None,
-            rtt_ms=max(0.0, float(cal["rtt"]["mean_ms"])),
+            rtt_ms=max(0.0, float(cal["rtt"].get("median_ms", cal["rtt"]["mean_ms"]))),
             source="calibrated",
         )
     return out
@@ -296,22 +301,14 @@ def run_group(
         workers = list(sc.workers)
         if spec.network.calibrate:
             tol = tolerance(spec.network)
-            cal = [
-                calibrate_pair(emu, w, "srv", tolerance=tol, pings=20, duration_s=1.0)
-                for w in workers
-            ]
+            cal = [calibrate_pair(emu, w, "srv", tolerance=tol, pings=20) for w in workers]
             info["calibration"] = [c.as_dict() for c in cal]
             meta.save()
             bad = [c for c in cal if not c.passed]
             if bad and not force:
                 raise RunError(
-                    "link calibration out of tolerance (use --force to run anyway): "
-                    + "; ".join(
-                        f"{c.a}-{c.b}: RTT {c.rtt.mean_ms:.2f} ms for "
-                        f"{c.configured_rtt_ms:.2f} configured, goodput "
-                        + ", ".join(f"{g.ratio:.2f}" for g in c.goodput if g.ratio is not None)
-                        for c in bad
-                    )
+                    "link calibration out of tolerance after retries (use --force to run "
+                    "anyway): " + "; ".join(f"{c.a}-{c.b}: {p}" for c in bad for p in c.problems)
                 )
         m = spec.models
         addrs = []

@@ -15,7 +15,15 @@ written to a state file *before* or *as* it is created. A normal run removes its
 
 Nothing is ever found or killed by name. The state directory is ``$SPECFED_STATE_DIR``,
 default ``<repo>/.state/`` (git-ignored). Files are JSON lines, one record per line,
-appended with single ``write`` calls, so a crash loses at most the record being written.
+appended with single ``write`` calls, so a crash loses at most the record being written;
+the first line names the owner (the process that wrote the file).
+
+Files that are damaged or not ours are read defensively: a record that is not UTF-8, not a
+JSON object, of an unknown kind, or with a field missing or of the wrong type (a pid as a
+string, a pid <= 0) is skipped and reported, never acted on, and the file is kept for a
+look; a file whose owner is not known (no owner on the first line, a malformed one, two of
+them) is left alone entirely, since only a run whose owner is known to be dead may be
+cleaned; one bad file never stops the others from being cleaned.
 """
 
 from __future__ import annotations
@@ -147,7 +155,15 @@ class NetnsRecord:
 
 @dataclass
 class StateRecords:
-    """Everything one state file lists (later records of the same device win)."""
+    """Everything one state file lists (later records of the same device win).
+
+    ``owner`` is the first line's owner record, or None when that line is missing, not a
+    well-formed owner record, or contradicted by another owner record further down: then
+    nobody knows whose the file is and nothing in it may be acted on. ``problems``: one
+    ``"LINE: reason"`` per record that could not be parsed (skipped; line numbers from 1);
+    ``truncated``: the last line had no newline and did not parse (a crash mid-write,
+    expected: not a problem).
+    """
 
     path: Path
     owner: ProcRecord | None = None
@@ -157,42 +173,147 @@ class StateRecords:
     links: list[LinkRecord] = field(default_factory=list)
     netns_records: list[NetnsRecord] = field(default_factory=list)
     named_netns: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    owner_problem: str = ""
+    truncated: bool = False
 
     def owner_alive(self) -> bool:
         """True if the process that wrote this file is still running."""
         return self.owner is not None and proc_matches(self.owner.pid, self.owner.start)
 
 
+class RecordError(ValueError):
+    """A state record that does not have the shape :class:`StateFile` writes."""
+
+
+#: Largest PID Linux hands out (PID_MAX_LIMIT, 2**22).
+PID_MAX = 2**22
+_KINDS = ("owner", "process", "link", "bridge", "netns", "named_netns")
+
+
+def _int_field(
+    r: dict[str, Any], key: str, low: int, high: int, *, optional: bool = False
+) -> int | None:
+    """``r[key]`` as an int in [low, high] (JSON true/false and floats refused)."""
+    if key not in r or (optional and r[key] is None):
+        if optional:
+            return None
+        raise RecordError(f"{key} missing")
+    v = r[key]
+    if type(v) is not int or not low <= v <= high:
+        raise RecordError(f"{key}: expected an integer in [{low}, {high}], got {v!r:.40}")
+    return v
+
+
+def _req_int(r: dict[str, Any], key: str, low: int, high: int) -> int:
+    v = _int_field(r, key, low, high)
+    assert v is not None
+    return v
+
+
+def _str_field(r: dict[str, Any], key: str) -> str:
+    """Optional free text (``role``, ``label``): a string or absent."""
+    v = r.get(key, "")
+    if not isinstance(v, str):
+        raise RecordError(f"{key}: expected a string, got {v!r:.40}")
+    return v
+
+
+def _name_field(r: dict[str, Any], key: str = "name") -> str:
+    """A device or named-namespace name: 1-15 bytes, no '/', blank or NUL, not '.'/'..',
+    so that it can only ever name one entry of /sys/class/net or /run/netns."""
+    v = r.get(key)
+    if not isinstance(v, str):
+        raise RecordError(f"{key}: expected a device name, got {v!r:.40}")
+    try:
+        n = len(v.encode())
+    except UnicodeEncodeError:
+        n = 0
+    bad_char = any(c == "/" or c.isspace() or not c.isprintable() for c in v)
+    if not 0 < n <= 15 or v in (".", "..") or bad_char:
+        raise RecordError(f"{key}: not a valid device name: {v!r:.40}")
+    return v
+
+
+_INODE_MAX = 2**64 - 1
+_TICKS_MAX = 2**63 - 1
+_IFINDEX_MAX = 2**31 - 1
+
+
+def _parse_line(line: bytes) -> dict[str, Any]:
+    """One line -> a record dict with a known ``kind``; RecordError says why not."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        r = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit
+        raise RecordError(f"not JSON ({str(exc)[:80]})") from None
+    if not isinstance(r, dict):
+        raise RecordError(f"not a JSON object ({type(r).__name__})")
+    if r.get("kind") not in _KINDS:
+        raise RecordError(f"unknown kind {r.get('kind')!r:.40}")
+    return r
+
+
+def _owner(r: dict[str, Any]) -> tuple[ProcRecord, int | None, str]:
+    pid = _req_int(r, "pid", 1, PID_MAX)
+    start = _req_int(r, "start", 0, _TICKS_MAX)
+    netns = _int_field(r, "netns", 1, _INODE_MAX, optional=True)
+    return ProcRecord(pid, start, "owner"), netns, _str_field(r, "label")
+
+
+def _link(r: dict[str, Any]) -> LinkRecord:
+    netns_pid = _int_field(r, "netns_pid", 1, PID_MAX, optional=True)
+    return LinkRecord(
+        name=_name_field(r),
+        kind=r["kind"],
+        ifindex=_int_field(r, "ifindex", 1, _IFINDEX_MAX, optional=True),
+        after_ifindex=_int_field(r, "after_ifindex", 0, _IFINDEX_MAX, optional=True) or 0,
+        netns_pid=netns_pid,
+        netns_start=_int_field(r, "netns_start", 0, _TICKS_MAX, optional=True),
+        role=_str_field(r, "role"),
+    )
+
+
 def read_state(path: Path) -> StateRecords:
-    """Parse a state file (a truncated last line, left by a crash, is ignored)."""
+    """Parse a state file, record by record.
+
+    A line that is not UTF-8, not a JSON object, of an unknown kind or with a field
+    missing or of the wrong type is skipped and listed in ``problems``; a last line
+    without newline that does not parse (a crash mid-write) is skipped silently
+    (``truncated``). The owner must be the first line (see :class:`StateRecords`).
+    Raises OSError if the file cannot be read.
+    """
     rec = StateRecords(path=Path(path))
     links: dict[tuple[str, str, int | None], LinkRecord] = {}
     procs: dict[tuple[int, int], ProcRecord] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            kind = r.get("kind")
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    last_complete = data.endswith(b"\n")
+    if last_complete or not lines[-1]:
+        lines.pop()  # the empty string after the final newline
+    for no, line in enumerate(lines, start=1):
+        try:
+            r = _parse_line(line)
+            kind = r["kind"]
             if kind == "owner":
-                rec.owner = ProcRecord(r["pid"], r["start"], "owner")
-                rec.netns = r.get("netns")
-                rec.label = r.get("label", "")
+                owner, netns, label = _owner(r)
+                if no != 1:
+                    raise RecordError("owner record after the first line")
+                rec.owner, rec.netns, rec.label = owner, netns, label
             elif kind == "process":
-                procs[(r["pid"], r["start"])] = ProcRecord(r["pid"], r["start"], r.get("role", ""))
-            elif kind in ("link", "bridge"):
-                key = (kind, r["name"], r.get("netns_pid"))
-                old = links.get(key)
-                new = LinkRecord(
-                    name=r["name"],
-                    kind=kind,
-                    ifindex=r.get("ifindex"),
-                    after_ifindex=r.get("after_ifindex", 0),
-                    netns_pid=r.get("netns_pid"),
-                    netns_start=r.get("netns_start"),
-                    role=r.get("role", ""),
+                p = ProcRecord(
+                    _req_int(r, "pid", 1, PID_MAX),
+                    _req_int(r, "start", 0, _TICKS_MAX),
+                    _str_field(r, "role"),
                 )
+                procs[(p.pid, p.start)] = p
+            elif kind in ("link", "bridge"):
+                new = _link(r)
+                key = (kind, new.name, new.netns_pid)
+                old = links.get(key)
                 if old is not None and new.ifindex is None:
                     new.ifindex = old.ifindex
                 if old is not None and not new.after_ifindex:
@@ -200,13 +321,38 @@ def read_state(path: Path) -> StateRecords:
                 links[key] = new
             elif kind == "netns":
                 rec.netns_records.append(
-                    NetnsRecord(r["pid"], r["start"], r["inode"], r.get("role", ""))
+                    NetnsRecord(
+                        _req_int(r, "pid", 1, PID_MAX),
+                        _req_int(r, "start", 0, _TICKS_MAX),
+                        _req_int(r, "inode", 1, _INODE_MAX),
+                        _str_field(r, "role"),
+                    )
                 )
-            elif kind == "named_netns":
-                rec.named_netns.append(r["name"])
+            else:  # named_netns
+                rec.named_netns.append(_name_field(r))
+        except RecordError as exc:
+            if no == len(lines) and not last_complete:
+                rec.truncated = True  # a crash mid-write: expected
+                continue
+            rec.problems.append(f"{no}: {exc}")
+            if no == 1 or _safe_kind(line) == "owner":  # whose file is it? unknown
+                rec.owner = None
+                rec.owner_problem = f"line {no}: {exc}"
+    if rec.owner is None and not rec.owner_problem:
+        rec.owner_problem = "no owner record on the first line"
     rec.processes = list(procs.values())
     rec.links = list(links.values())
     return rec
+
+
+def _safe_kind(line: bytes) -> str | None:
+    """The ``kind`` of a line if it is a JSON object with a string kind, else None."""
+    try:
+        r = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    kind = r.get("kind") if isinstance(r, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 class StateFile:
@@ -328,6 +474,11 @@ class CleanupReport:
 
     files: list[str] = field(default_factory=list)
     skipped_live: list[str] = field(default_factory=list)
+    #: "PATH: reason" per file not acted on at all: unreadable, or its owner not known
+    #: (no owner line, a malformed one, two of them)
+    skipped: list[str] = field(default_factory=list)
+    #: "PATH:LINE: reason" per record that could not be parsed (never acted on)
+    bad_records: list[str] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
     deleted_links: list[str] = field(default_factory=list)
     deleted_bridges: list[str] = field(default_factory=list)
@@ -336,8 +487,8 @@ class CleanupReport:
 
     @property
     def clean(self) -> bool:
-        """True if nothing recorded was left behind."""
-        return not self.left
+        """True if nothing recorded was left behind and every file could be read whole."""
+        return not self.left and not self.skipped and not self.bad_records
 
 
 def _kill_all(procs: Iterable[ProcRecord], timeout_s: float, report: CleanupReport) -> None:
@@ -346,6 +497,7 @@ def _kill_all(procs: Iterable[ProcRecord], timeout_s: float, report: CleanupRepo
     alive = [p for p in procs if proc_matches(p.pid, p.start)]
     was_alive = {p.pid for p in alive}
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in alive if proc_matches(p.pid, p.start)]  # verified just now
         for p in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, sig)
@@ -381,11 +533,19 @@ def cleanup_file(
 ) -> CleanupReport:
     """Remove what one state file lists (see :func:`cleanup_recorded`)."""
     report = report if report is not None else CleanupReport()
-    rec = read_state(path)
-    if rec.owner_alive() and not include_live and rec.owner and rec.owner.pid != os.getpid():
+    try:
+        rec = read_state(path)
+    except OSError as exc:
+        report.skipped.append(f"{path}: unreadable ({exc.strerror or exc})")
+        return report
+    if rec.owner is None:  # whose run was it? unknown: act on nothing
+        report.skipped.append(f"{path}: owner unknown ({rec.owner_problem}); left alone")
+        return report
+    if rec.owner_alive() and not include_live and rec.owner.pid != os.getpid():
         report.skipped_live.append(str(path))
         return report
     report.files.append(str(path))
+    report.bad_records.extend(f"{path}:{p}" for p in rec.problems)
     n_left = len(report.left)
     # Processes inside recorded host namespaces, found through their verified owner.
     members: list[ProcRecord] = []
@@ -431,7 +591,12 @@ def cleanup_file(
                 report.left.append(f"netns {name}: could not delete")
             else:
                 report.deleted_named_netns.append(name)
-    if len(report.left) == n_left:  # everything this file lists is gone
+    if rec.problems:  # what the unreadable records named may still be there
+        report.left.append(
+            f"{path}: kept, {len(rec.problems)} record(s) could not be read "
+            "(see bad_records); check it and delete it by hand"
+        )
+    elif len(report.left) == n_left:  # everything this file lists is gone
         with contextlib.suppress(FileNotFoundError):
             Path(path).unlink()
     return report
@@ -458,6 +623,10 @@ def cleanup_recorded(
         d = Path(directory) if directory else state_dir()
         paths = sorted(d.glob(f"*{STATE_SUFFIX}")) if d.is_dir() else []
     for p in paths:
-        if Path(p).exists():
+        if not Path(p).exists():
+            continue
+        try:
             cleanup_file(Path(p), include_live=include_live, timeout_s=timeout_s, report=report)
+        except Exception as exc:  # one bad file must not stop the others: report it
+            report.skipped.append(f"{p}: cleanup failed ({type(exc).__name__}: {exc})")
     return report

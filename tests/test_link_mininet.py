@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,22 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.netenv import mininet_missing
+
 pytestmark = pytest.mark.mininet
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and TAP devices)"
-    try:
-        import mininet.net  # noqa: F401
-    except ImportError:
-        return "mininet is not importable (Debian package 'mininet'; see docs/link-emulation.md)"
-    for tool in ("mnexec", "ip", "tc", "iperf3", "ping"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
+    return mininet_missing(("mnexec", "ip", "tc", "iperf3", "ping"))
 
 
 _reason = _skip_reason()
@@ -131,13 +121,14 @@ def _assert_gone(rec: StateRecords) -> None:
 def test_rtt_and_goodput_match_configuration(star: EmuNet, host: str) -> None:
     """(5 Mbit/s, 30 ms) and (50 Mbit/s, 5 ms): RTT within max(0.5 ms, 3 %), goodput
     >= 0.90 x the rate, both directions."""
-    cal = calibrate_pair(star, host, "srv", tolerance=Tolerance(), duration_s=2.0)
+    cal = calibrate_pair(star, host, "srv", tolerance=Tolerance(), goodput=True, duration_s=2.0)
     spec = STAR_LINKS[host]
     assert spec.up.bw_mbit is not None
     serialisation_ms = 2 * 98 * 8 / (spec.up.bw_mbit * 1e3)  # one probe frame each way
     want = 2 * spec.up.delay_ms + serialisation_ms
     assert cal.configured_rtt_ms == pytest.approx(want)
     assert cal.rtt_ok, f"RTT {cal.rtt.mean_ms:.3f} ms vs {cal.configured_rtt_ms:.3f} ms"
+    assert len(cal.goodput) == 2
     for g in cal.goodput:
         assert g.configured_mbit == STAR_LINKS[host].up.bw_mbit
         assert g.ok, f"goodput {g.src}->{g.dst} {g.mbit:.2f} Mbit/s (ratio {g.ratio:.3f})"
@@ -193,7 +184,7 @@ def test_tcp_settings_are_pinned_in_every_host(star: EmuNet) -> None:
             }
         }
         with pytest.raises(TcpConfigError, match="host a"):
-            configure_tcp([a], TcpSettings("no-such-cc"))
+            configure_tcp([a], TcpSettings("no_such_cc"))
     finally:
         configure_tcp([a])
 

@@ -10,10 +10,22 @@ import pytest
 
 from specfed import wire
 from specfed.codecs import CODEC_IDS
-from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype, check_weights
+from specfed.options import (
+    IndexCoding,
+    LossPolicy,
+    Mode,
+    Reconstruction,
+    ValueDtype,
+    check_weights,
+)
 
 DOC = Path(__file__).parents[1] / "docs" / "wire-protocol.md"
-OPTIONS = {"transmission mode": Mode, "reconstruction": Reconstruction, "value dtype": ValueDtype}
+OPTIONS = {
+    "transmission mode": Mode,
+    "reconstruction": Reconstruction,
+    "value dtype": ValueDtype,
+    "index coding": IndexCoding,
+}
 
 
 def documented_codes() -> dict[str, dict[str, int]]:

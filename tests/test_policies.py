@@ -19,9 +19,10 @@ from specfed.codecs import decode_any, index_bytes_for, make_codec
 from specfed.config import ConfigError
 from specfed.engine import FederatedGenerator, LocalWorker, WorkerLost
 from specfed.messages import Transmission, VerifyReply, VerifyRequest
-from specfed.options import Mode
+from specfed.options import Mode, ValueDtype
 from specfed.points import Point
 from specfed.policies import (
+    GOODPUT_PER_RATE,
     AggregationSpec,
     CostGamma,
     Deadline,
@@ -159,6 +160,32 @@ def test_link_aware_k_per_worker_and_positions():
     assert pol.k_for(1, 5) == k_slow
     with pytest.raises(ValueError, match="needs topk"):
         LinkAwareK(spec, [Transmission(Mode.FULL)], ["fast"], 100)
+    compact = Transmission(Mode.TOPK, k=64, value_dtype=ValueDtype.Q8)
+    with pytest.raises(ValueError, match="fixed-width entries"):
+        LinkAwareK(spec, [compact], ["fast"], 100)
+    fp16 = Transmission(Mode.TOPK, k=64, value_dtype=ValueDtype.FP16)
+    assert LinkAwareK(spec, [fp16], ["fast"], 151_936).k_for(0, 5) > k_fast  # 5 B entries
+
+
+def test_k_auto_refuses_content_dependent_codecs():
+    for extra in ({"index_coding": "delta-varint"}, {"value_dtype": "q8"}):
+        with pytest.raises(ValueError, match="fixed-width entries"):
+            Point.of(gamma=4, temperature=1.0, mode="topk", k="auto", k_budget_ms=5.0, **extra)
+    assert Point.of(
+        gamma=4, temperature=1.0, mode="topk", k="auto", k_budget_ms=5.0, value_dtype="fp16"
+    ).k_auto
+
+
+def test_configured_estimate_of_a_traced_link_is_its_mean_rate(tmp_path):
+    from testbed.linkparams import LinkSpec, RateTrace
+    from testbed.scenario.paths import path_estimate
+
+    trace = tmp_path / "steps.csv"
+    trace.write_text("t_s,bw_mbit\n0,20\n1,4\n2,4\n")
+    spec = LinkSpec.symmetric(delay_ms=10, trace=RateTrace.load(trace, "csv"))
+    est = path_estimate({("w1", "srv"): spec}, "w1")
+    assert est.up_mbit == pytest.approx(12 * GOODPUT_PER_RATE)
+    assert est.rtt_ms == 20
 
 
 def test_link_aware_k_observed_tracks_a_slower_link():

@@ -272,3 +272,37 @@ def test_bad_scenario_refused_before_anything_starts(env, tmp_path):
     assert res.returncode == 2
     assert f"{bad}: links.w1.bw_mbit: must be >= 0.001" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_trace_driven_link_rates_in_records_and_report(env, tmp_path):
+    """A step trace on w1's link (20 -> 2 -> 20 Mbit/s, 2 s each, looping): the run follows
+    it, and the report gives each round's link rate at its start, from the trace."""
+    trace = tmp_path / "steps.csv"
+    trace.write_text("t_s,bw_mbit\n0,20\n2,2\n4,20\n6,20\n")
+    out = tmp_path / "results"
+    res = run_cli(
+        "run", str(SMOKE), "--out", str(out), "--quiet",
+        "--set", "links.w1.bw_mbit=null",
+        "--set", f"links.w1.trace={{file: {trace}, format: csv}}",
+        "--set", "decoding.max_new_tokens=60",
+        env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = run_dir_of(out)
+    requests = pd.read_csv(run / "requests.csv")
+    assert set(requests.w1_up_trace) == {"steps.csv"}
+    from analysis import load
+    from analysis.tables import link_rates
+
+    rates = link_rates(load(run))
+    assert not rates.empty and set(rates.link) == {"w1-s1"}
+    assert set(rates.rate_mbit) <= {20.0, 2.0} and len(set(rates.rate_mbit)) == 2
+    # the trace's rate at each round's start follows the trace's clock (period 6 s)
+    meta = json.loads((run / "meta.json").read_text())
+    start = next(lk["trace_start_mono_s"] for g in meta["groups"] for lk in g["links"]
+                 if "trace_start_mono_s" in lk)  # fmt: skip
+    rounds = pd.read_csv(run / "rounds.csv").drop_duplicates(["request_id", "round"])
+    phase = ((rounds.t_start_s - start) % 6.0).to_numpy()
+    expected = [2.0 if 2 <= t < 4 else 20.0 for t in phase]
+    got = rates[rates.direction == "up"].sort_values(["request_id", "round"]).rate_mbit
+    assert sorted(got) == sorted(expected)

@@ -74,15 +74,25 @@ def _config_has_netem() -> bool:
     return False
 
 
-def resolve_backend(requested: str | None = None) -> str:
+def resolve_backend(requested: str | None = None, *, traces: bool = False) -> str:
     """The backend to use: ``requested``, else ``$SPECFED_LINK_BACKEND``, else ``auto``;
-    ``auto`` means ``tc`` if :func:`netem_available`, else ``tap``."""
+    ``auto`` means ``tap`` if ``traces`` (a link follows a rate trace, which only the tap
+    backend can) or the kernel lacks netem, else ``tc``."""
     choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
     if choice == "auto":
-        return "tc" if netem_available() else "tap"
+        return "tc" if not traces and netem_available() else "tap"
     if choice not in BACKENDS:
         raise LinkEmulationError(
             f"link backend {choice!r} (from {'argument' if requested else BACKEND_ENV}): "
             f"expected auto, {' or '.join(BACKENDS)}"
         )
     return choice
+
+
+def trace_needs_tap(where: str) -> str:
+    """The error for a trace-driven link on the tc backend (``where`` names the link)."""
+    return (
+        f"{where}: trace-driven links need the tap backend (the tc backend cannot change "
+        "its qdiscs over time); set network.backend: tap (or auto) in the scenario, or "
+        "SPECFED_LINK_BACKEND=tap"
+    )

@@ -10,7 +10,11 @@ Mininet-style code may instead give TCLink's options (``bw``, ``delay='20ms'``, 
 
 ``tap``: two TAP devices, one created in each node's namespace, joined by one forwarder
 process per link that applies, per direction, loss -> drop-tail queue -> serialisation at
-the rate -> one-way delay (+ jitter, no reordering).
+the rate -> one-way delay (+ jitter, no reordering). A direction with a
+:class:`~testbed.linkparams.RateTrace` follows it (the forwarder reads the trace file
+itself, with the same parser); its trace clock starts at ``trace_epoch`` (the net's, from
+:func:`~testbed.linkemu.build_net`) or when the forwarder starts. The ``tc`` backend
+refuses trace-driven links.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 from mininet.link import Intf, Link
 from mininet.node import Node
 
-from testbed.linkemu.backend import LinkEmulationError, resolve_backend
+from testbed.linkemu.backend import LinkEmulationError, resolve_backend, trace_needs_tap
 from testbed.linkemu.nodes import IFNAMSIZ, EmuIntf, EmuTCIntf, default_state, record_node
 from testbed.linkparams import (
     EMULATION_KEYS,
@@ -66,8 +70,11 @@ class EmuLink(Link):
     ``backend`` (``'tc'``/``'tap'``/``'auto'``/None = :func:`resolve_backend`), ``state``
     (a :class:`~testbed.state.StateFile`; default: the process-wide one), ``queue_rtt_ms``
     (the RTT to size default queues for; default: this link's own RTT), ``seed``
-    (loss/jitter random seed, TAP backend). After construction ``spec`` holds the
-    effective LinkSpec (queues filled in) and ``backend`` the backend used.
+    (loss/jitter random seed, TAP backend), ``trace_epoch`` (time.monotonic() at which
+    the traces of trace-driven directions start; default: when the forwarder starts).
+    After construction ``spec`` holds the effective LinkSpec (queues filled in),
+    ``backend`` the backend used and ``trace_start_mono_s`` the trace clock's start
+    (None without a trace).
     """
 
     def __init__(
@@ -88,13 +95,15 @@ class EmuLink(Link):
         state: StateFile | None = None,
         queue_rtt_ms: float | None = None,
         seed: int | None = None,
+        trace_epoch: float | None = None,
         **params: Any,
     ) -> None:
         self.backend = resolve_backend(backend)
-        self.state = state or default_state()
         self.seed = seed
         self.forwarder: subprocess.Popen[bytes] | None = None
         self.forwarder_pid: int | None = None
+        self.trace_epoch = trace_epoch
+        self.trace_start_mono_s: float | None = None
         name = f"link {node1.name}<->{node2.name}"
         params.pop("intf", None)  # Mininet's default intf class: we choose our own
         p1 = {**params, **(params1 or {})}
@@ -106,6 +115,9 @@ class EmuLink(Link):
         self.spec = link_spec(spec, p1, p2, node1.name, node2.name).with_default_queues(
             queue_rtt_ms
         )
+        if self.backend == "tc" and self.spec.has_trace:
+            raise LinkEmulationError(trace_needs_tap(name))
+        self.state = state or default_state()
         for node in (node1, node2):
             record_node(self.state, node)
         if self.backend == "tc":
@@ -239,6 +251,13 @@ class EmuLink(Link):
                 str(d.max_queue_size),
             ]
         cmd += ["--gso-segs-a", str(gso_segments(up)), "--gso-segs-b", str(gso_segments(down))]
+        epoch: float | None = None
+        if self.spec.has_trace:
+            epoch = self.trace_epoch if self.trace_epoch is not None else time.monotonic()
+            cmd += ["--trace-epoch", repr(epoch)]
+            for tag, d in (("ab", up), ("ba", down)):
+                if d.trace is not None:
+                    cmd += d.trace.forwarder_args(tag)
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
         stats_dir = os.environ.get("SPECFED_TAPFWD_STATS_DIR")
@@ -266,6 +285,7 @@ class EmuLink(Link):
         _, _pid, idx1, idx2 = line.split()
         self._record_intf(n1, node1, int(idx1), "tap")
         self._record_intf(n2, node2, int(idx2), "tap")
+        self.trace_start_mono_s = epoch
 
     def stop_forwarder(self, timeout_s: float = 2.0) -> None:
         """End the forwarder (its TAP devices vanish with it)."""
@@ -333,8 +353,12 @@ def gso_segments(d: DirectionParams) -> int:
     (N-1) x 1514 bytes / rate: N is capped to :data:`GSO_BURST_MS` of serialisation at
     the rate (1 = single frames, below ~25 Mbit/s). Lossy directions and queues under
     64 packets get single frames (loss stays per packet; a super-frame fits the queue).
-    Without a rate limit there is no serialisation: 65535 (no cap).
+    Without a rate limit there is no serialisation: 65535 (no cap). Trace-driven
+    directions get single frames (a Mahimahi opportunity carries one packet's bytes; a
+    CSV step's loss is per packet).
     """
+    if d.trace is not None:
+        return 1
     if d.loss_pct > 0 or (d.max_queue_size is not None and d.max_queue_size < 64):
         return 1
     if d.bw_mbit is None:

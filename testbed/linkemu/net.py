@@ -14,7 +14,9 @@ import atexit
 import contextlib
 import functools
 import os
+import re
 import secrets
+import shlex
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,17 @@ class TcpSettings:
     congestion_control: str = "bbr"
     slow_start_after_idle: int = 0
 
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", str(self.congestion_control)):
+            raise ValueError(
+                f"TCP congestion control {self.congestion_control!r}: expected a kernel name "
+                "such as bbr, cubic or reno"
+            )
+        if self.slow_start_after_idle not in (0, 1):
+            raise ValueError(
+                f"slow_start_after_idle must be 0 or 1, got {self.slow_start_after_idle!r}"
+            )
+
     def sysctls(self) -> dict[str, str]:
         """The sysctl keys and values this stands for."""
         return {
@@ -67,8 +80,8 @@ def configure_tcp(
     them back. Returns ``{host: {sysctl key: value read back}}`` for the run metadata;
     raises :class:`TcpConfigError` naming the host if a value did not stick."""
     want = (settings or TcpSettings()).sysctls()
-    assign = " ".join(f"{k}={v}" for k, v in want.items())
-    keys = " ".join(want)
+    assign = " ".join(shlex.quote(f"{k}={v}") for k, v in want.items())  # values checked too
+    keys = " ".join(shlex.quote(k) for k in want)
     result: dict[str, dict[str, str]] = {}
     for host in hosts:
         out = host.cmd(f"sysctl -q -w {assign} >/dev/null 2>&1; sysctl -n {keys}")
@@ -103,7 +116,9 @@ class EmuNet:
     ``net``: the Mininet object; ``backend``: :func:`link_backend` of the net; ``tcp``: the
     values :func:`configure_tcp` read back per host; ``links``: the effective
     :class:`LinkSpec` per link, keyed ``(node1, node2)`` with ``up`` = node1 -> node2;
-    ``state``: the run's state file; ``setup_s``: build + start time in seconds.
+    ``state``: the run's state file; ``setup_s``: build + start time in seconds;
+    ``trace_starts``: for each trace-driven link, the time.monotonic() at which its trace
+    clock started (trace time ``start_s``; one clock for the whole net).
     """
 
     net: Mininet
@@ -112,6 +127,7 @@ class EmuNet:
     links: dict[tuple[str, str], LinkSpec]
     state: StateFile
     setup_s: float
+    trace_starts: dict[tuple[str, str], float] = field(default_factory=dict)
     _down: bool = field(default=False, repr=False)
 
     def teardown(self) -> CleanupReport:
@@ -137,11 +153,22 @@ class EmuNet:
                 self.state.close()
 
     def link_metadata(self) -> list[dict[str, Any]]:
-        """One dict per link (nodes, backend, both directions' parameters) for results."""
-        return [
-            {"node1": a, "node2": b, "backend": self.backend, **spec.as_dict()}
-            for (a, b), spec in self.links.items()
-        ]
+        """One dict per link (nodes, backend, both directions' parameters) for results.
+
+        A direction's ``trace`` is its :meth:`~testbed.linkparams.RateTrace.summary` (name,
+        file, sha256, format, loop, start_s, ...) or None; a trace-driven link also has
+        ``trace_start_mono_s``: the time.monotonic() (one clock for every host of the
+        machine) at which its trace clock started, so that the rate at any moment ``t`` is
+        ``rate_at(trace, t - trace_start_mono_s)`` (:func:`testbed.linkparams.rate_at`).
+        """
+        out = []
+        for (a, b), spec in self.links.items():
+            row: dict[str, Any] = {"node1": a, "node2": b, "backend": self.backend}
+            row.update(spec.as_dict())
+            if (a, b) in self.trace_starts:
+                row["trace_start_mono_s"] = self.trace_starts[(a, b)]
+            out.append(row)
+        return out
 
     def __enter__(self) -> EmuNet:
         return self
@@ -273,7 +300,10 @@ def build_net(
     are not accepted here (:class:`TypeError`): build them into a LinkSpec with
     ``LinkSpec.from_options(...)``. Default queues are sized for the longest two-link path
     through each link (:func:`queue_rtts`); each link gets its effective LinkSpec as
-    ``EmuLink(spec=...)`` and :attr:`EmuNet.links` records it. TCP is pinned with
+    ``EmuLink(spec=...)`` and :attr:`EmuNet.links` records it. Trace-driven links need
+    the tap backend (``auto`` picks it for them); their trace clocks all start at one
+    time.monotonic() taken just before the first link is built
+    (:attr:`EmuNet.trace_starts`). TCP is pinned with
     :func:`configure_tcp` (``tcp``, default :class:`TcpSettings`). Everything created is
     recorded in a new state file (``state_dir``, default :func:`testbed.state.state_dir`);
     on error the partial net is torn down before the exception propagates.
@@ -281,7 +311,7 @@ def build_net(
     t0 = time.monotonic()
     default_spec = LinkSpec() if default is None else require_spec(default, "default")
     specs = _resolve_specs(topo, link_params or {}, default_spec)
-    chosen = resolve_backend(backend)
+    chosen = resolve_backend(backend, traces=any(s.has_trace for s in specs.values()))
     state = StateFile.create(label=label, directory=state_dir)
     tag = _fresh_tag()
     net = Mininet(
@@ -304,10 +334,15 @@ def build_net(
             info.pop("cls", None)
             net.addSwitch(name, **info)
         rtts = queue_rtts(specs)
+        epoch = time.monotonic()
         for (a, b), spec in specs.items():
             full = spec.with_default_queues(rtts[(a, b)])
-            link = net.addLink(a, b, spec=full, **_mininet_options(topo.linkInfo(a, b)))
+            link = net.addLink(
+                a, b, spec=full, trace_epoch=epoch, **_mininet_options(topo.linkInfo(a, b))
+            )
             emu.links[(a, b)] = link.spec
+            if link.trace_start_mono_s is not None:
+                emu.trace_starts[(a, b)] = link.trace_start_mono_s
         net.build()
         net.start()
         emu.tcp = configure_tcp(net.hosts, tcp)

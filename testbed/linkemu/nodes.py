@@ -24,7 +24,7 @@ from mininet.link import Intf, TCIntf
 from mininet.node import Host, Node
 from mininet.nodelib import LinuxBridge
 
-from testbed.linkemu.backend import LinkEmulationError, netem_available
+from testbed.linkemu.backend import LinkEmulationError, netem_available, trace_needs_tap
 from testbed.linkparams import EMULATION_KEYS, ETH_FRAME_BYTES, DirectionParams, LinkParamError
 from testbed.state import StateFile, cleanup_file, link_ifindex
 
@@ -196,6 +196,8 @@ class EmuTCIntf(TCIntf):
         raises :class:`LinkEmulationError` if tc failed or the kernel lacks netem.
         """
         d = self._egress(egress, params)
+        if d.trace is not None:
+            raise LinkEmulationError(trace_needs_tap(f"interface {self.name}"))
         needs_netem = bool(d.delay_ms or d.jitter_ms or d.loss_pct)
         if needs_netem and not netem_available():
             raise LinkEmulationError(

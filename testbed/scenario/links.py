@@ -3,7 +3,10 @@
 `links.default` applies to every link; a host name's block merges over it for that host's
 access link; an `A-B` block for the link between nodes A and B. Within a block, the fields
 given for both directions merge with `up` / `down` overrides (up = host -> switch, or
-node1 -> node2). A field left out inherits; `bw_mbit: null` sets "unlimited".
+node1 -> node2). A field left out inherits; `bw_mbit: null` sets "unlimited". `trace` and
+`bw_mbit` are two ways to set the rate: the one set at the more specific place wins (a trace
+in `w1` overrides the `bw_mbit` of `default`, and `w1.down.bw_mbit` the trace of `w1`). A
+trace becomes a typed `RateTrace` (its file parsed once, cached).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from testbed.linkparams import DirectionParams, LinkSpec
+from testbed.linkparams import DirectionParams, LinkSpec, RateTrace
 from testbed.scenario.schema import Direction, Link
 
 __all__ = ["LinkKeyError", "link_specs", "resolve_link"]
@@ -32,25 +35,43 @@ def _given(block: Direction | None) -> dict[str, Any]:
 
 def _direction(values: Mapping[str, Any]) -> DirectionParams:
     d = Direction.model_validate(dict(values))  # defaults for what nobody set
+    t = d.trace
     return DirectionParams(
-        bw_mbit=d.bw_mbit,
+        bw_mbit=d.bw_mbit if t is None else None,
         delay_ms=d.delay_ms,
         jitter_ms=d.jitter_ms,
         loss_pct=d.loss_pct,
         max_queue_size=d.queue_pkts,
+        trace=None if t is None else RateTrace.load(t.file, t.format, t.loop, t.start_s),
     )
 
 
+def _merge(blocks: Sequence[Direction | None]) -> dict[str, Any]:
+    """The fields of `blocks` merged in order (later ones win); a trace set in a later
+    block drops an earlier `bw_mbit` and a later `bw_mbit` an earlier trace."""
+    out: dict[str, Any] = {}
+    for block in blocks:
+        given = _given(block)
+        if given.get("trace") is not None:
+            out.pop("bw_mbit", None)
+        if "bw_mbit" in given:
+            out.pop("trace", None)
+        out.update(given)
+    return out
+
+
 def resolve_link(block: Link | None, default: Link | None) -> LinkSpec:
-    """The LinkSpec of one link: `block` merged over `default`, each side's directions."""
-    base = {**_given(default), **_given(block)}
+    """The LinkSpec of one link: `block` merged over `default`, each side's directions
+    (the per-direction blocks of both over the fields for both directions)."""
     out = {}
     for name in ("up", "down"):
-        over = {
-            **_given(getattr(default, name) if default else None),
-            **_given(getattr(block, name) if block else None),
-        }
-        out[name] = _direction({**base, **over})
+        levels = [
+            default,
+            block,
+            getattr(default, name) if default else None,
+            getattr(block, name) if block else None,
+        ]
+        out[name] = _direction(_merge(levels))
     return LinkSpec(up=out["up"], down=out["down"])
 
 

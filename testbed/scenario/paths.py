@@ -3,7 +3,8 @@ link-aware K (`transmission.k: auto`) starts from when no calibration is availab
 and `testbed validate`). A live run replaces it with the run's link calibration.
 
 The path is the shortest one from the worker host to `srv` in the topology; its upload
-goodput is the smallest configured rate in the worker -> server direction times the TCP
+goodput is the smallest configured rate (a trace-driven link's mean rate) in the worker ->
+server direction times the TCP
 payload share of a frame (`specfed.policies.GOODPUT_PER_RATE`); its RTT the sum of both
 one-way delays of every link on it. Loss and jitter are not part of the estimate (a
 calibration measures their effect).
@@ -48,8 +49,9 @@ def path_estimate(
         p, key = prev[n]
         spec = specs[key]
         forward = spec.up if key[0] == p else spec.down  # the direction src -> dst
-        if forward.bw_mbit:
-            rates.append(forward.bw_mbit)
+        rate = forward.trace.mean_mbit if forward.trace is not None else forward.bw_mbit
+        if rate:  # a trace-driven link: its mean rate
+            rates.append(rate)
         rtt += spec.up.delay_ms + spec.down.delay_ms
         n = p
     up = min(rates) * GOODPUT_PER_RATE if rates else None

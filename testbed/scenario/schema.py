@@ -10,12 +10,13 @@ are ONE-WAY per direction.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SkipValidation, ValidationInfo, field_validator, model_validator
 
 from specfed.config import StrictModel
-from specfed.options import LossPolicy, Mode, Reconstruction, ValueDtype
+from specfed.options import IndexCoding, LossPolicy, Mode, Reconstruction, ValueDtype
 from specfed.policies import DEFAULT_GAMMA_MAX, MAX_GAMMA, AggregationSpec
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ScenarioSpec",
     "Timeouts",
     "Topology",
+    "Trace",
     "TransmissionBlock",
 ]
 
@@ -47,9 +49,46 @@ Int = Annotated[int, Field(strict=True)]
 Seconds = Annotated[float, Field(ge=0.1, le=7 * 24 * 3600)]
 
 
+class Trace(StrictModel):
+    """A trace the rate follows (the tap backend only; see docs/link-emulation.md). The
+    trace clock starts when the network's links are built. The file is read and checked
+    when the scenario is: an error names the file and the line."""
+
+    format: Literal["mahimahi", "csv"]
+    """mahimahi: one millisecond timestamp per line, each a delivery opportunity for 1500
+    bytes; csv: steps `t_s, bw_mbit, delay_ms, loss_pct` (delay and loss optional)"""
+    loop: bool = True
+    """repeat the trace (its length: mahimahi's last timestamp, csv's last row's t_s);
+    false: after its end the last rate holds (csv: the last row; mahimahi: its mean rate)"""
+    start_s: Annotated[float, Field(ge=0, le=1e7)] = 0.0
+    """trace time (s) at which the trace clock starts"""
+    file: Annotated[str, Field(min_length=1)]
+    """the trace file: absolute, or relative to the scenario file's folder (stored resolved)"""
+
+    @field_validator("file")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        path = Path(v).expanduser()
+        if not path.is_absolute():
+            base = (info.context or {}).get("base_dir")
+            path = Path(base) / path if base is not None else path
+        from testbed.linkparams import RateTrace
+        from testbed.tapfwd import TraceError
+
+        fmt, loop = info.data.get("format"), info.data.get("loop", True)
+        if fmt is None:  # reported on `format`
+            return str(path.resolve())
+        try:
+            return RateTrace.load(path, fmt, loop).file
+        except TraceError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class Direction(StrictModel):
     """One direction of a link. A field left out inherits (from the link, then `default`);
-    `bw_mbit: null` means no rate limit."""
+    `bw_mbit: null` means no rate limit. `trace` and `bw_mbit` both set the rate: the one
+    given at the most specific place wins (an `up` block over the link, the link over
+    `default`); a trace and a bw_mbit other than null in one block is an error."""
 
     bw_mbit: Annotated[float, Field(ge=1e-3, le=1e5)] | None = None
     """rate in Mbit/s (10^6 bit/s of Ethernet frames); null = unlimited"""
@@ -61,6 +100,18 @@ class Direction(StrictModel):
     """+- uniform variation of the delay, ms (no reordering)"""
     queue_pkts: Annotated[int, Field(ge=1, le=10_000_000, strict=True)] | None = None
     """drop-tail queue limit in packets; null = twice the bandwidth-delay product (>= 64)"""
+    trace: Trace | None = None
+    """the rate (csv: also delay and loss per step) follows this trace instead of bw_mbit;
+    {file, format: mahimahi|csv, loop, start_s}; the tap backend only"""
+
+    @model_validator(mode="after")
+    def _rate_or_trace(self) -> Direction:
+        if self.trace is not None and self.bw_mbit is not None:
+            raise ValueError(
+                "give bw_mbit or trace, not both: the trace sets the rate "
+                "(bw_mbit given elsewhere, e.g. in default, is overridden by it)"
+            )
+        return self
 
 
 class Link(Direction):
@@ -177,7 +228,11 @@ class TransmissionBlock(StrictModel):
     epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.01
     """adaptive: the mass left out per position (ignored by the other modes)"""
     value_dtype: ValueDtype = ValueDtype.FP32
-    """probability values on the wire: fp32 or fp16"""
+    """probability values on the wire: fp32, fp16, or (top-K and adaptive only) q8 / q4:
+    log-probabilities quantized per position, the kept mass sent exactly"""
+    index_coding: IndexCoding = IndexCoding.FIXED
+    """top-K indices on the wire: fixed (2-4 bytes), bitpack (ceil(log2 V) bits), or sorted
+    and delta-coded: delta-varint, delta-bitpack (ignored by full)"""
     k_budget_ms: Annotated[float, Field(gt=0, le=1e6)] | None = None
     """k: auto: the upload budget per reply, ms: each worker's K is the largest whose reply
     serializes within it at the worker's upload goodput (propagation delay excluded)"""
@@ -228,11 +283,18 @@ class Network(StrictModel):
     calibrate: bool = True
     """measure every worker path's RTT and goodput before trusting it"""
     rtt_tolerance_ms: Annotated[float, Field(ge=0, le=1e4)] = 0.5
-    """calibration: allowed RTT error, ms (plus rtt_tolerance_pct of the RTT)"""
+    """calibration: allowed error of the median RTT, ms (or rtt_tolerance_pct, the larger)"""
     rtt_tolerance_pct: Annotated[float, Field(ge=0, le=100)] = 3.0
-    """calibration: allowed RTT error, percent of the configured RTT"""
+    """calibration: allowed error of the median RTT, percent of the configured RTT"""
+    rate_tolerance_pct: Annotated[float, Field(gt=0, le=100)] = 3.0
+    """calibration: allowed error of each direction's measured rate (a paced UDP train),
+    percent of the configured rate, both ways"""
+    loss_sigmas: Annotated[float, Field(gt=0, le=20)] = 4.0
+    """calibration: a direction's measured loss must lie within this many binomial
+    standard deviations of the configured loss"""
     goodput_min_ratio: Annotated[float, Field(ge=0, le=1)] = 0.90
-    """calibration: least TCP goodput / configured rate accepted"""
+    """calibration with TCP goodput (testbed calibrate --goodput): least goodput / rate on
+    lossless paths"""
 
 
 class Timeouts(StrictModel):

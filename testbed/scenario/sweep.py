@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ REQUEST_PATHS = (
     "transmission.reconstruction",
     "transmission.epsilon",
     "transmission.value_dtype",
+    "transmission.index_coding",
     "transmission.k_budget_ms",
     "transmission.k_min",
     "transmission.k_max",
@@ -168,13 +170,51 @@ def _check_sweep(raw: dict[str, Any], source: str) -> list[tuple[str, str]]:
     return problems
 
 
+_RANGE = re.compile(r"^(?P<p>[A-Za-z_]+)(?P<a>\d+)\.\.(?P=p)?(?P<b>\d+)$")
+
+
+def expand_ranges(mapping: Any, where: str, problems: list[tuple[str, str]]) -> Any:
+    """A mapping whose keys may name ranges of hosts, `w1..w16` (or `w1..16`): each range
+    becomes one key per host with the same value, in order; explicit keys win over ranges."""
+    if not isinstance(mapping, dict):
+        return mapping
+    out: dict[Any, Any] = {}
+    explicit = {k: v for k, v in mapping.items() if not (isinstance(k, str) and _RANGE.match(k))}
+    for key, value in mapping.items():
+        m = _RANGE.match(key) if isinstance(key, str) else None
+        if m is None:
+            out[key] = value
+            continue
+        a, b = int(m["a"]), int(m["b"])
+        if not 1 <= a <= b <= 4096:
+            problems.append((f"{where}.{key}", "a range needs 1 <= first <= last <= 4096"))
+            continue
+        for i in range(a, b + 1):
+            out.setdefault(f"{m['p']}{i}", value)
+    out.update(explicit)
+    return out
+
+
 def scenario_from_dict(raw: Any, source: str, path: Path | None = None) -> Scenario:
-    """Validate a parsed scenario; ConfigError listing every problem at once."""
+    """Validate a parsed scenario; ConfigError listing every problem at once.
+
+    Host keys of `links`, `models.workers` and `models.weights` may be ranges (`w1..w32`)."""
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", f"expected a mapping of fields, got {raw!r}")])
     problems: list[tuple[str, str]] = []
+    raw = dict(raw)
+    if "links" in raw:
+        raw["links"] = expand_ranges(raw["links"], "links", problems)
+    if isinstance(raw.get("models"), dict):
+        models = dict(raw["models"])
+        for key in ("workers", "weights"):
+            if key in models:
+                models[key] = expand_ranges(models[key], f"models.{key}", problems)
+        raw["models"] = models
     try:
-        spec = ScenarioSpec.model_validate(raw)
+        # relative file paths in the scenario (link traces) are relative to its folder
+        base = (path or Path(source)).parent if (path or Path(source)).suffix else None
+        spec = ScenarioSpec.model_validate(raw, context={"base_dir": base})
     except ValidationError as exc:
         problems += validation_problems(exc, model=ScenarioSpec)
         spec = None
@@ -255,6 +295,7 @@ class ScenarioPoint:
             reconstruction=t.reconstruction,
             epsilon=t.epsilon,
             value_dtype=t.value_dtype,
+            index_coding=t.index_coding,
             point=self.index,
             rep=self.rep,
             gamma_policy=d.gamma_policy,
