@@ -1,9 +1,9 @@
 """Benchmarks of the policies (root, Mininet): each run writes JSON and plots.
 
     python -m testbed.policybench pareto --setting demo|demo-trace|star32 [--models qwen|tiny]
-        [--compute live|replay] [--reps 3] [--prompts "humaneval[:2]"] [--max-new-tokens 32]
-        [--budgets 1,4,16] [--fit-profiles LIVE_RUN_DIR] [--w2-link YAML] [--set PATH=VALUE ...]
-        [--out DIR]
+        [--compute live|replay] [--profiles auto|recorded] [--reps 3]
+        [--prompts "humaneval[:2]"] [--max-new-tokens 32] [--budgets 1,4,16]
+        [--fit-profiles LIVE_RUN_DIR] [--w2-link YAML] [--set PATH=VALUE ...] [--out DIR]
         One point per policy on one setting, same prompts and coupled seeds: the paper's
         fixed top-64 (the reference), fixed top-16 / top-256, link-aware K at each upload
         budget (from the link; live also from observed throughput), adaptive gamma
@@ -26,9 +26,12 @@
 
 Settings. demo: scenarios/demo.yaml's star (w1 Qwen2.5-Coder-1.5B on 20 Mbit/s / 20 ms,
 w2 -0.5B on 5 Mbit/s / 50 ms; live). demo-trace: the same star with w2's link replaced by
---w2-link, a YAML mapping (e.g. the trace-driven link's block once that field exists: the
-setting refuses to run without it). star32: testbed.emubench's 32-worker star (5 / 20 / 100
-Mbit/s, 5-50 ms, two worker models) in replay with the recorded compute; replay runs only
+--w2-link, a YAML mapping (e.g. a trace-driven link '{trace: {file: F, format: csv},
+delay_ms: 50}': the setting refuses to run without it). star32: scenarios/scale.yaml's
+32-worker star (5 / 20 / 100 Mbit/s, 5-50 ms, two worker models) in replay with the shipped
+device profiles. `--compute replay` emulates compute with the shipped device profiles
+(`--profiles recorded`: each point's recorded times; `--fit-profiles`: profiles fitted from
+an earlier live run, this host's contention included); replay runs only
 the content-only policies (fixed K, K from the link, heuristic gamma). `--models tiny` swaps
 in tiny random-weight models (V = 8192; seconds, for checking the pipeline: their
 acceptance and fidelity mean nothing).
@@ -89,13 +92,12 @@ def setting_scenario(
             if not isinstance(w2_link, dict):
                 raise SystemExit(
                     "policybench: demo-trace needs --w2-link, a YAML mapping for w2's link "
-                    "(the trace-driven slow link's block, e.g. '{bw_trace: FILE, delay_ms: 50}' "
-                    "in the field names of the trace-driven link emulation)"
+                    "(e.g. a trace-driven link: '{trace: {file: F, format: csv}, delay_ms: 50}')"
                 )
             raw["links"]["w2"] = w2_link
     elif setting == "star32":
         raw = _scale_block(32)
-        raw["compute"] = {"mode": "replay", "profiles": "recorded"}
+        raw["compute"] = {"mode": "replay", "profiles": "auto"}
     else:
         raise SystemExit(f"policybench: unknown setting {setting!r} (demo, demo-trace, star32)")
     raw["decoding"] = {
@@ -661,9 +663,17 @@ def main(argv: list[str] | None = None) -> int:
         "--compute",
         default=None,
         choices=["live", "replay"],
-        help="demo settings: live (default; every policy) or replay with the recorded compute "
-        "(the content-only policies; compute then does not suffer the host's contention); "
+        help="demo settings: live (default; every policy) or replay (the content-only "
+        "policies; compute then follows device profiles, not the host's contention); "
         "star32 always replays",
+    )
+    p.add_argument(
+        "--profiles",
+        default="auto",
+        choices=["auto", "recorded"],
+        help="replay: auto = the shipped device profile of each role's model (every point "
+        "waits the same cost model, so only the policy and the network differ); recorded = "
+        "each point's own recorded compute times",
     )
     s = sub.add_parser("stragglers", help="quorum / deadline vs wait for all (live)")
     s.add_argument("--link", default="slow", choices=["slow", "lossy"])
@@ -690,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         w2 = parse_yaml_text(args.w2_link, "--w2-link") if args.w2_link else None
         raw = setting_scenario(args.setting, args.models, prompts, args.max_new_tokens, w2)
         if args.compute == "replay":
-            raw["compute"] = {"mode": "replay", "profiles": "recorded"}
+            raw["compute"] = {"mode": "replay", "profiles": args.profiles}
         if args.fit_profiles:
             if raw.get("compute", {}).get("mode") != "replay":
                 raise SystemExit("policybench: --fit-profiles needs --compute replay (or star32)")
