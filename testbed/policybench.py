@@ -26,9 +26,10 @@
 
 Settings. demo: scenarios/demo.yaml's star (w1 Qwen2.5-Coder-1.5B on 20 Mbit/s / 20 ms,
 w2 -0.5B on 5 Mbit/s / 50 ms; live). demo-trace: the same star with w2's link replaced by
---w2-link, a YAML mapping (e.g. a trace-driven link '{trace: {file: F, format: csv},
-delay_ms: 50}': the setting refuses to run without it). star32: scenarios/scale.yaml's
-32-worker star (5 / 20 / 100 Mbit/s, 5-50 ms, two worker models) in replay with the shipped
+--w2-link, a YAML mapping (default: the trace-driven link '{trace: {file:
+scenarios/traces/fading-5mbit.csv, format: csv}, delay_ms: 50}', 5 -> 1 -> 2.5 Mbit/s for
+10 s each, looping). star32: scenarios/scale.yaml's 32-worker star (5 / 20 / 100 Mbit/s,
+5-50 ms, two worker models) in replay with the shipped
 device profiles. `--compute replay` emulates compute with the shipped device profiles
 (`--profiles recorded`: each point's recorded times; `--fit-profiles`: profiles fitted from
 an earlier live run, this host's contention included); replay runs only
@@ -81,6 +82,10 @@ REFERENCE = "topk64"
 # ----------------------------------------------------------------------------- scenarios
 
 
+#: demo-trace's default slow link: 5 -> 1 -> 2.5 Mbit/s, 10 s each, looping.
+FADING_TRACE = REPO / "scenarios" / "traces" / "fading-5mbit.csv"
+
+
 def setting_scenario(
     setting: str, models: str, prompts: str, max_new_tokens: int, w2_link: Any = None
 ) -> dict[str, Any]:
@@ -89,9 +94,11 @@ def setting_scenario(
         raw = load_yaml(REPO / "scenarios" / "demo.yaml")
         raw.pop("sweep", None)
         if setting == "demo-trace":
+            if w2_link is None:
+                w2_link = {"trace": {"file": str(FADING_TRACE), "format": "csv"}, "delay_ms": 50}
             if not isinstance(w2_link, dict):
                 raise SystemExit(
-                    "policybench: demo-trace needs --w2-link, a YAML mapping for w2's link "
+                    "policybench: --w2-link must be a YAML mapping for w2's link "
                     "(e.g. a trace-driven link: '{trace: {file: F, format: csv}, delay_ms: 50}')"
                 )
             raw["links"]["w2"] = w2_link
@@ -649,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pareto", help="one point per policy on one setting")
     p.add_argument("--setting", default="demo", choices=["demo", "demo-trace", "star32"])
-    p.add_argument("--w2-link", default=None, help="demo-trace: w2's link block (YAML)")
+    p.add_argument(
+        "--w2-link",
+        default=None,
+        help="demo-trace: w2's link block (YAML; default: scenarios/traces/fading-5mbit.csv, "
+        "50 ms one way)",
+    )
     p.add_argument("--budgets", default="1,4,16", help="k: auto upload budgets, ms")
     p.add_argument(
         "--fit-profiles",
