@@ -104,7 +104,7 @@ def setting_scenario(
             raw["links"]["w2"] = w2_link
     elif setting == "star32":
         raw = _scale_block(32)
-        raw["compute"] = {"mode": "replay", "profiles": "auto"}
+        raw["compute"] = {"mode": "replay", "profiles": default_profiles(models)}
     else:
         raise SystemExit(f"policybench: unknown setting {setting!r} (demo, demo-trace, star32)")
     raw["decoding"] = {
@@ -119,6 +119,12 @@ def setting_scenario(
     if models == "tiny":
         raw["models"] = _tiny_models(raw["models"])
     return raw
+
+
+def default_profiles(models: str) -> str:
+    """Replay's compute: the shipped device profiles for the real models; tiny test models
+    have none, so they replay their recorded times."""
+    return "recorded" if models == "tiny" else "auto"
 
 
 def _scale_block(n_workers: int) -> dict[str, Any]:
@@ -681,11 +687,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--profiles",
-        default="auto",
+        default=None,
         choices=["auto", "recorded"],
         help="replay: auto = the shipped device profile of each role's model (every point "
         "waits the same cost model, so only the policy and the network differ); recorded = "
-        "each point's own recorded compute times",
+        "each point's own recorded compute times (default: auto; recorded for --models tiny)",
     )
     s = sub.add_parser("stragglers", help="quorum / deadline vs wait for all (live)")
     s.add_argument("--link", default="slow", choices=["slow", "lossy"])
@@ -712,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         w2 = parse_yaml_text(args.w2_link, "--w2-link") if args.w2_link else None
         raw = setting_scenario(args.setting, args.models, prompts, args.max_new_tokens, w2)
         if args.compute == "replay":
-            raw["compute"] = {"mode": "replay", "profiles": args.profiles}
+            profiles = args.profiles or default_profiles(args.models)
+            raw["compute"] = {"mode": "replay", "profiles": profiles}
         if args.fit_profiles:
             if raw.get("compute", {}).get("mode") != "replay":
                 raise SystemExit("policybench: --fit-profiles needs --compute replay (or star32)")

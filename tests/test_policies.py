@@ -670,3 +670,23 @@ def test_points_file_and_server_options_carry_the_policies(tmp_path):
                       "--transmission", "topk", "--aggregation", "first:2"])  # fmt: skip
     with pytest.raises(ValueError, match="unknown aggregation 'first:2'"):
         points_from_args(bad)
+
+
+@pytest.mark.parametrize("setting", ["demo", "demo-trace", "star32"])
+def test_policybench_settings_are_valid_replay_scenarios(setting, tmp_path):
+    """Every Pareto setting with the replay policy set loads and checks as a scenario (tiny
+    models: no bundle needed); demo-trace puts w2 on the shipped fading trace, star32 has
+    32 workers (tiny models replay their recorded compute: they have no device profile)."""
+    from testbed.policybench import default_profiles, policy_sweep, setting_scenario
+    from testbed.scenario import check_scenario, scenario_from_dict
+
+    raw = setting_scenario(setting, "tiny", "ids:1,2", 8)
+    raw["compute"] = {"mode": "replay", "profiles": default_profiles("tiny")}
+    raw["sweep"] = policy_sweep(False, [1.0, 4.0])
+    sc = scenario_from_dict(raw, f"{setting}.yaml", tmp_path / f"{setting}.yaml")
+    n_points, n_groups = check_scenario(sc)
+    assert n_groups == 1 and n_points >= 8
+    if setting == "demo-trace":
+        assert sc.spec.links["w2"].trace.file.endswith("fading-5mbit.csv")
+    if setting == "star32":
+        assert len(sc.spec.models.workers) == 32
