@@ -10,6 +10,10 @@ speculative acceptance. gamma = 0 is federated autoregressive decoding (no draft
 
 `FederatedGenerator` talks to workers only through `WorkerClient.verify`, so the same loop
 runs with in-process workers (`LocalWorker`, here) and with remote ones over TCP.
+
+Policies (specfed.policies) decide per round: gamma (`GammaPolicy`), each worker's K
+(`KPolicy`) and when the replies are enough (`Aggregation`); their defaults (fixed gamma,
+one transmission per worker, wait for all) are the paper's scheme.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -38,8 +42,21 @@ from specfed.models import (
     common_prefix,
 )
 from specfed.options import LossPolicy, Reconstruction, check_weights
+from specfed.policies import (
+    AggregationSpec,
+    GammaPolicy,
+    GammaSpec,
+    KAuto,
+    RoundOutcome,
+    make_aggregation,
+    make_gamma_policy,
+    make_k_policy,
+)
 from specfed.reconstruct import aggregate, reconstruct
 from specfed.sampling import RoundUniforms, speculative_accept
+
+if TYPE_CHECKING:
+    from specfed.points import Point
 
 
 class WorkerLost(RuntimeError):
@@ -194,6 +211,9 @@ class WorkerRound:
     reply; t_fidelity_ms the worker's time measuring local_l1 (testbed overhead); t_net_ms =
     t_call_ms - t_worker_ms - t_fidelity_ms (network, framing and queueing); t_decode_ms
     checking the reply against its request and decoding its payload (server overhead).
+    dropped: the reply came after the round closed (quorum / deadline aggregation) and was
+    not aggregated; lateness_ms how long after the close it arrived. up_mbit_est: the
+    upload goodput (Mbit/s) the K policy assumed for this worker this round (NaN: fixed K).
     """
 
     worker: str
@@ -216,6 +236,9 @@ class WorkerRound:
     t_decode_ms: float
     eps_mean: float
     local_l1: float
+    dropped: bool = False
+    lateness_ms: float = math.nan
+    up_mbit_est: float = math.nan
 
 
 @dataclass
@@ -229,7 +252,10 @@ class RoundRecord:
     WorkerRound.t_decode_ms). Computing the metrics
     (alpha, eps) and writing records happen after the clock stops, and are excluded from a
     request's ttft and e2e times too. alpha is the mean over draft positions of
-    alpha(q, p_hat) = sum_v min(q(v), p_hat(v)).
+    alpha(q, p_hat) = sum_v min(q(v), p_hat(v)). gamma is the round's gamma as the gamma
+    policy chose it (n_drafted is less in a request's last round); n_busy counts the workers
+    not asked this round because they were still answering an earlier one (whose reply was
+    dropped). `workers` holds the aggregated replies and the dropped ones (dropped = True).
     """
 
     round: int
@@ -250,6 +276,7 @@ class RoundRecord:
     workers: list[WorkerRound]
     emitted: list[int] = field(default_factory=list)
     """the tokens this round emitted (not a table column)"""
+    n_busy: int = 0
 
 
 @dataclass
@@ -288,6 +315,8 @@ class GenerationResult:
             "tokens_per_round": n_new / len(self.rounds) if self.rounds else math.nan,
             "bytes_up_total": bytes_up,
             "bytes_per_token": bytes_up / n_new if n_new else math.nan,
+            "dropped_replies": sum(w.dropped for r in self.rounds for w in r.workers),
+            "busy_skips": sum(r.n_busy for r in self.rounds),
         }
 
     def round_rows(self) -> list[dict[str, Any]]:
@@ -312,12 +341,35 @@ def ensemble_logp(per_worker: Sequence[np.ndarray], weights: Sequence[float] | n
 @dataclass(frozen=True)
 class _Answer:
     """A worker's checked reply: the reply, its decoded payload, the call time (request
-    sent -> reply read) and the time spent checking and decoding it, ms."""
+    sent -> reply read) and the time spent checking and decoding it, ms; t_read the
+    time.perf_counter() when the reply was read."""
 
     reply: VerifyReply
     payload: Payload
     t_call_ms: float
     t_decode_ms: float
+    t_read: float = 0.0
+
+
+@dataclass
+class _Late:
+    """A call whose reply the round did not wait for: read (and recorded) when it comes."""
+
+    future: Future[_Answer]
+    request: VerifyRequest
+    t_close: float
+    up_mbit_est: float
+    held: _Held
+
+
+@dataclass
+class _Held:
+    """A round's record waiting for its dropped replies before it is handed to on_round
+    (records go out in round order)."""
+
+    record: RoundRecord
+    rows: dict[int, WorkerRound]
+    waiting: set[int]
 
 
 class FederatedGenerator:
@@ -331,7 +383,8 @@ class FederatedGenerator:
         transmissions: one Transmission for all workers, or one per worker (per-worker K);
             None = full fp32.
         reconstruction: "renormalize", "residual-mass" or "draft-guided".
-        gamma: drafted tokens per round (0 = federated autoregressive decoding).
+        gamma: drafted tokens per round (0 = federated autoregressive decoding); with an
+            adaptive gamma policy, the first round's gamma.
         temperature: T (0 = greedy).
         measure_fidelity: workers report ||p_i - p_hat_i||_1 (costs them O(V) per position).
         parallel: call the workers concurrently (remote workers); in-process workers share
@@ -339,6 +392,11 @@ class FederatedGenerator:
         on_worker_loss: "fail" ends the request with WorkerLost (records up to the loss are
             kept by `on_round`); "continue" drops the worker, renormalizes the weights over
             the others, records the event and goes on.
+        gamma_policy: how gamma is chosen per round (default: fixed).
+        k_auto: link-aware K per worker and round (topk transmissions only; default: the
+            given transmissions every round).
+        aggregation: when a round's replies are enough (default: all). Quorum and deadline
+            call the workers concurrently (one thread per worker) whatever `parallel` says.
     """
 
     def __init__(
@@ -353,6 +411,9 @@ class FederatedGenerator:
         measure_fidelity: bool = True,
         parallel: bool = False,
         on_worker_loss: LossPolicy | str = LossPolicy.FAIL,
+        gamma_policy: GammaSpec | None = None,
+        k_auto: KAuto | None = None,
+        aggregation: AggregationSpec | None = None,
     ) -> None:
         if not workers:
             raise ValueError("at least one worker is needed")
@@ -378,7 +439,20 @@ class FederatedGenerator:
         self.temperature = temperature
         self.measure_fidelity = measure_fidelity
         self.on_worker_loss = LossPolicy(on_worker_loss)
-        self.pool = ThreadPoolExecutor(len(self.workers)) if parallel else None
+        self.gamma_spec = gamma_policy or GammaSpec()
+        make_gamma_policy(self.gamma_spec, gamma)  # ValueError now, not in the first request
+        self.aggregation_spec = aggregation or AggregationSpec()
+        self.aggregation = make_aggregation(self.aggregation_spec)
+        if self.aggregation_spec.quorum is not None and self.aggregation_spec.quorum > n:
+            raise ValueError(f"quorum {self.aggregation_spec.quorum} exceeds the {n} workers")
+        concurrent = parallel or self.aggregation_spec.rule != "all"
+        # One thread per worker: a worker's calls run in order on its own connection, so a
+        # dropped call's reply is read before that worker is asked anything else.
+        self.lanes: list[ThreadPoolExecutor] | None = (
+            [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{wk.name}") for wk in self.workers]
+            if concurrent
+            else None
+        )
         self.proposer: Proposer | None = (
             DraftProposer(draft) if isinstance(draft, LoadedModel) else draft
         )
@@ -389,6 +463,39 @@ class FederatedGenerator:
         self.eos: frozenset[int] = (
             self.proposer.eos_token_ids if self.proposer is not None else frozenset()
         )
+        self.k_policy = make_k_policy(
+            k_auto, self.transmissions, [wk.name for wk in self.workers], self.vocab_size
+        )
+
+    @classmethod
+    def for_point(
+        cls,
+        point: Point,
+        draft: LoadedModel | Proposer | None,
+        workers: Sequence[WorkerClient],
+        weights: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> FederatedGenerator:
+        """The generator of a point's per-request options and policies (the one way the
+        server and the recorder build it, so both make the same choices)."""
+        return cls(
+            draft if point.gamma > 0 else None,
+            workers,
+            weights,
+            transmissions=point.transmission,
+            reconstruction=point.reconstruction_or_default,
+            gamma=point.gamma,
+            temperature=point.temperature,
+            gamma_policy=point.gamma_policy,
+            k_auto=point.k_auto,
+            aggregation=point.aggregation,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        """End the worker threads (idle ones; the generator is not used afterwards)."""
+        for lane in self.lanes or []:
+            lane.shutdown(wait=False)
 
     def score(self, prompt: Sequence[int], tokens: Sequence[int]) -> float:
         """Mean log-probability per generated token under the exact ensemble p (all
@@ -414,25 +521,117 @@ class FederatedGenerator:
             payload = check_reply(request, reply, self.vocab_size)
         except BadReply as exc:
             raise WorkerLost(worker.name, f"bad reply in round {request.round}: {exc}") from exc
-        return _Answer(reply, payload, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+        return _Answer(reply, payload, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, t1)
 
     def _verify_all(
         self, requests: dict[int, VerifyRequest]
-    ) -> tuple[dict[int, _Answer], dict[int, str]]:
-        """Send one round to the given workers (concurrently if parallel).
+    ) -> tuple[dict[int, _Answer], dict[int, str], dict[int, Future[_Answer]]]:
+        """Send one round to the given workers and wait as the aggregation rule says.
 
-        Returns (answers by worker index, loss reasons by index).
-        """
+        Returns (answers by worker index, loss reasons by index, the calls still running
+        when the round closed: their replies are dropped)."""
         replies: dict[int, _Answer] = {}
         lost: dict[int, str] = {}
-        pool = self.pool
-        futures = {i: pool.submit(self._call, i, r) for i, r in requests.items()} if pool else {}
-        for i, req in requests.items():
+        if self.lanes is None:  # one after another, in this thread
+            for i, req in requests.items():
+                try:
+                    replies[i] = self._call(i, req)
+                except WorkerLost as exc:
+                    lost[i] = exc.reason
+            return replies, lost, {}
+        t0 = time.perf_counter()
+        pending = {i: self.lanes[i].submit(self._call, i, r) for i, r in requests.items()}
+        try:
+            while True:
+                for i, fut in list(pending.items()):
+                    if fut.done():
+                        del pending[i]
+                        try:
+                            replies[i] = fut.result()
+                        except WorkerLost as exc:
+                            lost[i] = exc.reason
+                elapsed_ms = (time.perf_counter() - t0) * 1e3
+                if self.aggregation.enough(len(replies), len(pending), elapsed_ms):
+                    return replies, lost, pending
+                wait(
+                    pending.values(),
+                    timeout=self.aggregation.wait_s(elapsed_ms),
+                    return_when=FIRST_COMPLETED,
+                )
+        except BaseException:  # any other failure: let the other calls end before it spreads
+            wait(pending.values())
+            raise
+
+    def _worker_row(
+        self,
+        i: int,
+        answer: _Answer,
+        request: VerifyRequest,
+        up_mbit_est: float,
+        lateness_ms: float = math.nan,
+    ) -> WorkerRound:
+        """The rounds-table row of worker i's answer to `request` (dropped if late)."""
+        reply, t_call_ms, tr = answer.reply, answer.t_call_ms, request.transmission
+        return WorkerRound(
+            worker=self.workers[i].name,
+            transmission=tr.mode.value,
+            k=tr.k,
+            epsilon=tr.epsilon,
+            value_dtype=tr.value_dtype.value,
+            index_bytes=tr.wire_index_bytes(self.vocab_size),
+            index_coding=tr.index_coding.value,
+            k_mean=float(np.mean(answer.payload.k_per_position)),
+            bytes_up=reply.bytes_up,
+            bytes_down=reply.bytes_down,
+            n_tokens=len(request.tokens),
+            t_worker_ms=reply.t_worker_ms,
+            t_worker_recorded_ms=reply.t_recorded_ms,
+            t_send_ms=reply.t_send_ms,
+            t_call_ms=t_call_ms,
+            t_fidelity_ms=reply.t_fidelity_ms,
+            t_net_ms=t_call_ms - reply.t_worker_ms - reply.t_fidelity_ms,
+            t_decode_ms=answer.t_decode_ms,
+            eps_mean=float(np.mean(answer.payload.eps)),
+            local_l1=reply.local_l1,
+            dropped=not math.isnan(lateness_ms),
+            lateness_ms=lateness_ms,
+            up_mbit_est=up_mbit_est,
+        )
+
+    def _settle(self, late: dict[int, _Late], block: bool) -> dict[int, str]:
+        """Read the dropped calls that finished (all of them if `block`): each becomes a
+        dropped row of its round, and its network time teaches the K policy. Returns the
+        workers whose dropped call failed (lost), with the reason."""
+        lost: dict[int, str] = {}
+        for i, lt in list(late.items()):
+            if not (block or lt.future.done()):
+                continue
+            del late[i]
+            lt.held.waiting.discard(i)
             try:
-                replies[i] = futures[i].result() if futures else self._call(i, req)
+                answer = lt.future.result()
             except WorkerLost as exc:
                 lost[i] = exc.reason
-        return replies, lost
+                continue
+            except Exception as exc:
+                lost[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            row = self._worker_row(
+                i, answer, lt.request, lt.up_mbit_est, (answer.t_read - lt.t_close) * 1e3
+            )
+            lt.held.rows[i] = row
+            self.k_policy.observe(i, row.bytes_up, row.t_net_ms)
+        return lost
+
+    @staticmethod
+    def _release(held: list[_Held], on_round: Callable[[RoundRecord], None] | None) -> None:
+        """Hand out the finished records in round order (a record waits for its dropped
+        replies)."""
+        while held and not held[0].waiting:
+            h = held.pop(0)
+            h.record.workers = [h.rows[i] for i in sorted(h.rows)]
+            if on_round is not None:
+                on_round(h.record)
 
     def generate(
         self,
@@ -445,16 +644,19 @@ class FederatedGenerator:
     ) -> GenerationResult:
         """Generate up to `max_new_tokens` after `prompt` (token ids).
 
-        All randomness comes from numpy's PCG64 seeded with `seed`, 2*gamma + 1 uniforms per
-        round, so runs that differ only in transmission or reconstruction are coupled.
-        `on_round` is called with each round's record as soon as it exists (the server
-        appends it to its tables), so a failure keeps every earlier round.
+        All randomness comes from numpy's PCG64 seeded with `seed`, 2*gamma_cap + 1 uniforms
+        per round (gamma_cap = gamma for a fixed gamma), so runs that differ only in
+        transmission or reconstruction are coupled. `on_round` is called with each round's
+        record as soon as it is complete (the server appends it to its tables; a round with
+        dropped replies is complete when they have been read), so a failure keeps every
+        earlier round.
         """
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         rid = request_id or uuid.uuid4().hex[:12]
         eos = self.eos if eos_token_ids is None else eos_token_ids
         rng = np.random.default_rng(seed)
+        gamma_policy: GammaPolicy = make_gamma_policy(self.gamma_spec, self.gamma)
         committed = list(prompt)
         seen: list[list[int]] = [[] for _ in self.workers]
         active = list(range(len(self.workers)))
@@ -462,15 +664,41 @@ class FederatedGenerator:
         events: list[str] = []
         out: list[int] = []
         rounds: list[RoundRecord] = []
+        late: dict[int, _Late] = {}
+        held: list[_Held] = []
+        inflight: dict[int, Future[_Answer]] = {}
         t_start = time.perf_counter()
         ttft_ms = math.nan
         bookkeeping_s = 0.0  # metrics and record writing, excluded from ttft and e2e
+
+        def drop_lost(lost: dict[int, str], where: str, answered: bool = True) -> None:
+            """Apply the loss policy to the workers in `lost` (WorkerLost if it says fail,
+            or if nobody is left / nobody answered the round)."""
+            nonlocal active, weights
+            names = ", ".join(f"{self.workers[i].name} ({why})" for i, why in lost.items())
+            remaining = [i for i in active if i not in lost]
+            if self.on_worker_loss == LossPolicy.FAIL or not remaining or not answered:
+                raise WorkerLost(names, f"in {where} of request {rid}")
+            active = remaining
+            weights[list(lost)] = 0.0
+            weights /= weights.sum()
+            events.append(
+                f"{where}: lost {names}; weights renormalized to "
+                + ", ".join(f"{self.workers[i].name}={weights[i]:.3f}" for i in active)
+            )
+
         try:
             while len(out) < max_new_tokens and not (out and out[-1] in eos):
                 t0 = time.perf_counter()
+                n_round = len(rounds)
+                if late:  # dropped replies that came meanwhile
+                    lost_late = self._settle(late, block=False)
+                    if lost_late:
+                        drop_lost(lost_late, f"round {n_round}")
                 t_start_mono = time.monotonic()
-                uniforms = RoundUniforms.draw(rng, self.gamma)
-                gamma = min(self.gamma, max_new_tokens - len(out) - 1)
+                uniforms = RoundUniforms.draw(rng, gamma_policy.gamma_cap)
+                round_gamma = gamma_policy.gamma_for_round()
+                gamma = min(round_gamma, max_new_tokens - len(out) - 1)
                 drafts: list[int] = []
                 q: np.ndarray | None = None
                 t_draft_ms = 0.0
@@ -483,42 +711,46 @@ class FederatedGenerator:
                     drafts, q, t_draft_ms = draft.tokens, draft.q, draft.t_ms
                 seq = committed + drafts
                 n_pos = len(drafts) + 1
+                need = self.aggregation.min_free(len(active))
+                while late and len(active) - len(late) < need:  # wait for busy workers
+                    wait([lt.future for lt in late.values()], return_when=FIRST_COMPLETED)
+                    lost_late = self._settle(late, block=False)
+                    if lost_late:
+                        drop_lost(lost_late, f"round {n_round}")
+                free = [i for i in active if i not in late]
                 requests = {}
-                for i in active:
+                estimates = {}
+                for i in free:
                     start = min(common_prefix(seen[i], seq), len(seq) - n_pos)
+                    estimates[i] = self.k_policy.estimate(i)
                     requests[i] = VerifyRequest(
                         rid,
                         start,
                         seq[start:],
                         n_pos,
                         self.temperature,
-                        self.transmissions[i],
+                        self.k_policy.transmission_for(i, n_pos),
                         self.reconstruction,
                         self.measure_fidelity,
-                        round=len(rounds),
+                        round=n_round,
                     )
                 t_v = time.perf_counter()
-                replies, lost = self._verify_all(requests)
-                t_verify_ms = (time.perf_counter() - t_v) * 1e3
-                for i in replies:
+                replies, lost, pending = self._verify_all(requests)
+                inflight = dict(pending)
+                t_close = time.perf_counter()
+                t_verify_ms = (t_close - t_v) * 1e3
+                for i in [*replies, *pending]:  # a dropped call's worker processes it too
                     seen[i] = seq
                 if lost:
-                    names = ", ".join(f"{self.workers[i].name} ({why})" for i, why in lost.items())
-                    if self.on_worker_loss == LossPolicy.FAIL or len(lost) == len(active):
-                        raise WorkerLost(names, f"in round {len(rounds)} of request {rid}")
-                    active = [i for i in active if i not in lost]
-                    weights[list(lost)] = 0.0
-                    weights /= weights.sum()
-                    events.append(
-                        f"round {len(rounds)}: lost {names}; weights renormalized to "
-                        + ", ".join(f"{self.workers[i].name}={weights[i]:.3f}" for i in active)
-                    )
+                    drop_lost(lost, f"round {n_round}", answered=bool(replies))
 
                 t_a = time.perf_counter()
-                payloads = {i: replies[i].payload for i in active}
-                p_hat = aggregate(
-                    [payloads[i] for i in active], weights[active], self.reconstruction, q
-                )
+                used = [i for i in active if i in replies]
+                w_used = weights[used]
+                if len(used) < len(active):  # renormalize over the replies that arrived
+                    w_used = w_used / w_used.sum()
+                payloads = {i: replies[i].payload for i in used}
+                p_hat = aggregate([payloads[i] for i in used], w_used, self.reconstruction, q)
                 n_acc, token = speculative_accept(
                     drafts,
                     q if q is not None else np.zeros((0, self.vocab_size), np.float32),
@@ -527,6 +759,9 @@ class FederatedGenerator:
                     greedy=self.temperature == 0,
                 )
                 t_aggregate_ms = (time.perf_counter() - t_a) * 1e3
+                gamma_policy.update(
+                    RoundOutcome(len(drafts), n_acc, t_draft_ms, t_verify_ms, t_aggregate_ms)
+                )
 
                 emitted = [*drafts[:n_acc], token]
                 for j, tok in enumerate(emitted):
@@ -545,38 +780,13 @@ class FederatedGenerator:
                 alpha = math.nan
                 if q is not None and len(drafts):
                     alpha = float(alpha_fn(q, p_hat[: len(drafts)]).mean())
-                worker_rows = []
-                for i in active:
-                    answer = replies[i]
-                    reply, t_call_ms = answer.reply, answer.t_call_ms
-                    tr = self.transmissions[i]
-                    worker_rows.append(
-                        WorkerRound(
-                            worker=self.workers[i].name,
-                            transmission=tr.mode.value,
-                            k=tr.k,
-                            epsilon=tr.epsilon,
-                            value_dtype=tr.value_dtype.value,
-                            index_bytes=tr.wire_index_bytes(self.vocab_size),
-                            index_coding=tr.index_coding.value,
-                            k_mean=float(np.mean(payloads[i].k_per_position)),
-                            bytes_up=reply.bytes_up,
-                            bytes_down=reply.bytes_down,
-                            n_tokens=len(requests[i].tokens),
-                            t_worker_ms=reply.t_worker_ms,
-                            t_worker_recorded_ms=reply.t_recorded_ms,
-                            t_send_ms=reply.t_send_ms,
-                            t_call_ms=t_call_ms,
-                            t_fidelity_ms=reply.t_fidelity_ms,
-                            t_net_ms=t_call_ms - reply.t_worker_ms - reply.t_fidelity_ms,
-                            t_decode_ms=answer.t_decode_ms,
-                            eps_mean=float(np.mean(payloads[i].eps)),
-                            local_l1=reply.local_l1,
-                        )
-                    )
+                rows = {}
+                for i in used:
+                    rows[i] = self._worker_row(i, replies[i], requests[i], estimates[i])
+                    self.k_policy.observe(i, rows[i].bytes_up, rows[i].t_net_ms)
                 record = RoundRecord(
-                    round=len(rounds),
-                    gamma=self.gamma,
+                    round=n_round,
+                    gamma=round_gamma,
                     t_start_s=t_start_mono,
                     context_len=context_len,
                     draft_new_tokens=draft.n_sync if draft is not None else 0,
@@ -590,14 +800,32 @@ class FederatedGenerator:
                     t_aggregate_ms=t_aggregate_ms,
                     t_round_ms=t_round_ms,
                     alpha=alpha,
-                    workers=worker_rows,
+                    workers=[rows[i] for i in used],
                     emitted=list(emitted),
+                    n_busy=len(active) - len(free),
                 )
                 rounds.append(record)
-                if on_round is not None:
-                    on_round(record)
+                entry = _Held(record, rows, set(pending))
+                held.append(entry)
+                for i, fut in pending.items():
+                    late[i] = _Late(fut, requests[i], t_close, estimates[i], entry)
+                inflight = {}
+                self._release(held, on_round)
                 bookkeeping_s += time.perf_counter() - t_end
         finally:
+            t_done = time.perf_counter()
+            for fut in inflight.values():  # an error left calls running: let them end
+                with contextlib.suppress(Exception):
+                    fut.result()
+            lost_late = self._settle(late, block=True)  # keep every connection in step
+            for i, why in lost_late.items():
+                events.append(f"after the last round: lost {self.workers[i].name} ({why})")
+                if i in active:
+                    active.remove(i)
+            for h in held:
+                h.waiting.clear()
+            self._release(held, on_round)
+            bookkeeping_s += time.perf_counter() - t_done
             if self.proposer is not None:
                 self.proposer.end(rid)
             for i in active:

@@ -51,7 +51,14 @@ from specfed.trace import (
     verify_key,
 )
 
-__all__ = ["RecordSpec", "main", "model_identity", "record_points", "trace_path"]
+__all__ = [
+    "RecordSpec",
+    "main",
+    "model_identity",
+    "record_points",
+    "refuse_timing_dependent",
+    "trace_path",
+]
 
 Log = Callable[[str], None]
 
@@ -88,7 +95,7 @@ class RecordSpec:
             "seed": self.seed,
             "measure_fidelity": self.measure_fidelity,
             "score": self.score,
-            "point": point.model_dump(mode="json", exclude={"point", "rep"}),
+            "point": point.content(),
             "numerics": versions(("torch", "transformers", "numpy")),
         }
 
@@ -240,6 +247,19 @@ class RecordingProposer(DraftProposer):
         return draft
 
 
+def refuse_timing_dependent(points: Sequence[Point]) -> None:
+    """ConfigError naming every point whose policies depend on when replies arrive (cost
+    gamma, K from observed throughput, quorum / deadline aggregation): a recording in
+    process has no network, so its decisions would not be the ones a replay makes."""
+    problems = [
+        (f"point {p.point} ({p.label}): {where}", f"{why}; run it live (compute.mode: live)")
+        for p in points
+        for where, why in p.timing_dependent()
+    ]
+    if problems:
+        raise ConfigError("points (record/replay)", problems)
+
+
 def _load(spec: str, dtype: str, cache: dict[str, LoadedModel], log: Log) -> LoadedModel:
     if spec not in cache:
         t0 = time.perf_counter()
@@ -255,9 +275,11 @@ def record_points(
     log: Log = lambda _msg: None,
 ) -> list[Path]:
     """The trace of every point, recording those missing from the cache. Returns the paths
-    in the order of `points`."""
+    in the order of `points`. ConfigError if a point's policies depend on timing (they
+    cannot be recorded in process: `refuse_timing_dependent`)."""
     import torch
 
+    refuse_timing_dependent(points)
     torch.set_num_threads(spec.threads)
     paths = [trace_path(spec, p, cache) for p in points]
     missing = [(p, path) for p, path in zip(points, paths, strict=True) if not path.exists()]
@@ -291,15 +313,8 @@ def _record_one(
     }
     workers = [RecordingWorker(name, groups[m]) for name, m in spec.workers.items()]
     proposer = RecordingProposer(draft_lm, writer_ref)
-    gen = FederatedGenerator(
-        proposer if point.gamma > 0 else None,
-        workers,
-        spec.weights,
-        transmissions=point.transmission,
-        reconstruction=point.reconstruction_or_default,
-        gamma=point.gamma,
-        temperature=point.temperature,
-        measure_fidelity=spec.measure_fidelity,
+    gen = FederatedGenerator.for_point(
+        point, proposer, workers, spec.weights, measure_fidelity=spec.measure_fidelity
     )
     requests: list[dict[str, Any]] = []
     streams = {
@@ -311,7 +326,7 @@ def _record_one(
         "format": TRACE_FORMAT,
         "key": path.stem,
         "depends_on": spec.depends_on(point),
-        "point": point.model_dump(mode="json", exclude={"point", "rep"}),
+        "point": point.content(),
         "vocab": {
             "draft": spec.draft,
             "vocab_size": draft_lm.vocab_size,
@@ -403,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             else None
         )
         points = read_points(args.points_file)
+        refuse_timing_dependent(points)
         load_prompts(args.prompts)
     except (ValueError, ConfigError, PromptError) as exc:
         print(f"specfed.record: {exc}", file=sys.stderr)

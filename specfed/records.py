@@ -18,13 +18,19 @@ from typing import IO, Any
 import pandas as pd
 from tabulate import tabulate
 
+#: The policies of a point (specfed.policies.policy_columns): how gamma is chosen, the K
+#: policy with its budget / range / source, the aggregation rule with its quorum or deadline.
+POLICY_COLUMNS = (
+    "gamma_policy", "gamma_min", "gamma_max", "k_policy", "k_budget_ms", "k_min", "k_max",
+    "k_source", "aggregation", "quorum", "deadline_ms",
+)  # fmt: skip
 #: Every parameter of a point is a column of both tables (specfed.points.Point.columns),
 #: with the vocabulary size and the warm-up flag; rounds rows carry the worker's own
-#: transmission (per-worker settings) and the index width actually sent.
+#: transmission (per-worker settings; with k: auto the K of that worker and round), the
+#: index width actually sent, and the round's gamma (an adaptive policy's choice).
 POINT_COLUMNS = (
     "transmission", "k", "epsilon", "value_dtype", "index_bytes", "index_coding",
-    "reconstruction", "gamma",
-    "temperature", "vocab_size",
+    "reconstruction", "gamma", "temperature", "vocab_size", *POLICY_COLUMNS,
 )  # fmt: skip
 ROUND_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "round", "t_start_s",
@@ -33,14 +39,16 @@ ROUND_COLUMNS = (
     "n_accepted", "n_emitted", "n_tokens", "bytes_up", "bytes_down", "t_draft_ms",
     "t_draft_emulated_ms", "t_draft_recorded_ms", "t_send_ms", "t_worker_ms",
     "t_worker_recorded_ms", "t_fidelity_ms", "t_net_ms", "t_call_ms", "t_decode_ms", "t_verify_ms",
-    "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean",
+    "t_aggregate_ms", "t_round_ms", "alpha", "eps_mean", "local_l1", "k_mean", "n_busy",
+    "dropped", "lateness_ms", "up_mbit_est",
 )  # fmt: skip
 REQUEST_COLUMNS = (
     "run_id", "point", "rep", "request_id", "prompt_id", "warmup", *POINT_COLUMNS,
     "compute_mode", "seed",
     "status", "prompt_tokens", "new_tokens",
     "rounds", "ttft_ms", "e2e_ms", "ms_per_token", "acceptance", "tokens_per_round",
-    "bytes_up_total", "bytes_per_token", "logp_mean", "events", "tokens",
+    "bytes_up_total", "bytes_per_token", "logp_mean", "dropped_replies", "busy_skips",
+    "events", "tokens",
 )  # fmt: skip
 
 

@@ -4,9 +4,10 @@
         --transmission full,topk --k 16,64 --reconstruction renormalize,draft-guided \\
         --gamma 4 --temperature 1.0 --prompts "humaneval[:4]" --max-new-tokens 32 --out results/x
 
-Transmission, K, reconstruction, gamma and temperature are per-request options: give several
-(comma-separated) and the server runs every combination ("points") against the same worker
-processes, without reloading any model. Each request of a point uses seed + prompt index, so
+Transmission, K, reconstruction, gamma, temperature and the policies (--gamma-policy, --k auto,
+--aggregation; specfed.policies) are per-request options: give several (comma-separated) and
+the server runs every combination ("points") against the same worker processes, without
+reloading any model. Each request of a point uses seed + prompt index, so
 points differ only in what they vary (coupled seeds).
 
 Writes to --out, appending as it goes (a crash keeps everything before it):
@@ -68,6 +69,23 @@ def _list(text: str, conv: Any, what: str) -> list[Any]:
         raise ValueError(f"{what}: cannot parse {text!r} ({exc})") from exc
 
 
+def _k_value(text: str) -> int | str:
+    """A --k entry: an integer, or auto (link-aware K per worker)."""
+    return "auto" if text == "auto" else int(text)
+
+
+def _aggregation(text: str) -> dict[str, Any]:
+    """An --aggregation entry: all, quorum:M or deadline:D (ms)."""
+    rule, _, value = text.partition(":")
+    if rule == "all" and not value:
+        return {}
+    if rule == "quorum" and value:
+        return {"quorum": int(value)}
+    if rule == "deadline" and value:
+        return {"deadline_ms": float(value)}
+    raise ValueError(f"unknown aggregation {text!r} (all, quorum:M or deadline:D_MS)")
+
+
 def points_from_args(args: argparse.Namespace) -> list[Point]:
     """The points to run: the --points-file, or the cross product of the comma-separated
     options (full transmission ignores K and reconstruction). ConfigError/ValueError if bad."""
@@ -76,7 +94,7 @@ def points_from_args(args: argparse.Namespace) -> list[Point]:
     modes = [
         Mode.parse(m, "--transmission") for m in _list(args.transmission, str, "--transmission")
     ]
-    ks = _list(args.k, int, "--k") if args.k else []
+    ks = _list(args.k, _k_value, "--k") if args.k else []
     if any(m != Mode.FULL for m in modes) and not ks:
         raise ValueError("--k is needed for topk (K) and adaptive (cap on K)")
     options = {
@@ -88,15 +106,21 @@ def points_from_args(args: argparse.Namespace) -> list[Point]:
             Reconstruction.parse(r, "--reconstruction")
             for r in _list(args.reconstruction, str, "--reconstruction")
         ],
+        "gamma_policy": _list(args.gamma_policy, str, "--gamma-policy"),
+        "aggregation": _list(args.aggregation, _aggregation, "--aggregation"),
     }
-    points = points_from_lists(
-        options,
-        {
-            "epsilon": args.epsilon,
-            "value_dtype": args.value_dtype,
-            "index_coding": args.index_coding,
-        },
-    )
+    fixed = {
+        "epsilon": args.epsilon,
+        "value_dtype": args.value_dtype,
+        "index_coding": args.index_coding,
+        "gamma_min": args.gamma_min,
+        "gamma_max": args.gamma_max,
+        "k_budget_ms": args.k_budget_ms,
+        "k_min": args.k_min,
+        "k_max": args.k_max,
+        "k_source": args.k_source,
+    }
+    points = points_from_lists(options, fixed)
     return [
         Point.model_validate(
             {**p.model_dump(), "point": p.point + args.point_offset, "rep": args.rep}
@@ -125,7 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="full",
         help=f"{'|'.join(Mode.names())}, comma-separated",
     )
-    ap.add_argument("--k", default=None, help="K for topk / cap for adaptive, comma-separated")
+    ap.add_argument(
+        "--k",
+        default=None,
+        help="K for topk / cap for adaptive, comma-separated; auto = link-aware K per worker "
+        "and round (topk; see --k-budget-ms)",
+    )
     ap.add_argument(
         "--epsilon",
         type=float,
@@ -157,6 +186,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="drafted tokens per round, comma-separated (0 = federated autoregressive baseline)",
     )
     ap.add_argument("--temperature", default="1.0", help="T, comma-separated (0 = greedy)")
+    ap.add_argument(
+        "--gamma-policy",
+        default="fixed",
+        help="fixed|heuristic|cost, comma-separated: gamma per round fixed, +2/-1 from the "
+        "acceptance history (HF assisted generation), or minimizing the expected ms/token "
+        "from the measured round costs (specfed.policies)",
+    )
+    ap.add_argument("--gamma-min", type=int, default=1, help="adaptive gamma: the smallest")
+    ap.add_argument(
+        "--gamma-max", type=int, default=None, help="adaptive gamma: the largest (max(16, gamma))"
+    )
+    ap.add_argument(
+        "--k-budget-ms",
+        type=float,
+        default=None,
+        help="--k auto: the upload budget per reply, ms of serialization on the worker's link",
+    )
+    ap.add_argument("--k-min", type=int, default=1, help="--k auto: the smallest K")
+    ap.add_argument("--k-max", type=int, default=1024, help="--k auto: the largest K")
+    ap.add_argument(
+        "--k-source",
+        default="link",
+        choices=["link", "observed"],
+        help="--k auto: K from the link estimate at the start only (the points file's "
+        "k_auto.links; none = unlimited), or then from the goodput of the worker's replies",
+    )
+    ap.add_argument(
+        "--aggregation",
+        default="all",
+        help="all|quorum:M|deadline:D_MS, comma-separated: when a round's replies are enough",
+    )
     ap.add_argument(
         "--prompts",
         default="humaneval[:4]",
@@ -278,6 +338,16 @@ def _setup(
             raise ValueError(f"--{what.replace('_', '-')}: must be in (0, 604800] s, got {value}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    for p in points:
+        q = p.aggregation.quorum
+        if q is not None and q > len(addrs):
+            raise ValueError(f"point {p.label}: quorum {q} exceeds the {len(addrs)} workers")
+        unknown = sorted(set(p.k_auto.links) - set(names)) if p.k_auto else []
+        if unknown:
+            raise ValueError(
+                f"point {p.label}: link estimates for unknown workers {unknown} "
+                f"(the workers are {', '.join(names)})"
+            )
     prompts = load_prompts(args.prompts)
     args.token = read_token(args.auth_token_file) if args.auth_token_file else ""
     return points, tags, addrs, names, weights, prompts
@@ -356,18 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     first_request = True
     for pi, point in enumerate(points):
-        gen = FederatedGenerator(
-            drafter.proposer(point),
-            workers,
-            weights,
-            transmissions=point.transmission,
-            reconstruction=point.reconstruction_or_default,
-            gamma=point.gamma,
-            temperature=point.temperature,
-            measure_fidelity=not args.no_fidelity,
-            parallel=True,
-            on_worker_loss=args.on_worker_loss,
-        )
+        try:
+            gen = FederatedGenerator.for_point(
+                point,
+                drafter.proposer(point),
+                workers,
+                weights,
+                measure_fidelity=not args.no_fidelity,
+                parallel=True,
+                on_worker_loss=args.on_worker_loss,
+            )
+        except ValueError as exc:  # a policy that does not fit these workers
+            print(f"specfed.server: point {point.label}: {exc}", file=sys.stderr)
+            status = 2
+            break
         keys = {
             "run_id": run_id,
             **point.columns(),
@@ -425,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"acceptance {row['acceptance']:.2f}",
                     flush=True,
                 )
+        gen.close()
         if status:
             break
     for w in workers:
@@ -482,7 +555,14 @@ class _Replay:
         self.traces = TraceSet.open(paths)
         self.by_point: dict[int, Any] = {}
         for p in points:
-            want = p.model_dump(mode="json", exclude={"point", "rep"})
+            timing = p.timing_dependent()
+            if timing:
+                raise TraceError(
+                    f"point {p.label} cannot be replayed: "
+                    + "; ".join(f"{where}: {why}" for where, why in timing)
+                    + " (run it live)"
+                )
+            want = p.content()
             match = [t for t in self.traces.traces if t.meta.get("point") == want]
             if not match:
                 raise TraceError(

@@ -73,6 +73,8 @@ class WorkerService:
         max_connections: connections served at once; more are refused with ERROR BUSY.
         token: the shared secret a HELLO must carry ("" = none required).
         exit_after: fault injection: die abruptly on the (N+1)-th VERIFY.
+        delay_ms: fault injection: a slower device; every VERIFY reply waits this long more
+            (after the compute, outside the compute lock) and reports it as compute.
     """
 
     def __init__(
@@ -85,9 +87,11 @@ class WorkerService:
         frame_timeout_s: float = 60.0,
         max_connections: int = 16,
         token: str = "",
+        delay_ms: float = 0.0,
     ) -> None:
         self.worker = worker
         self.exit_after = exit_after
+        self.delay_ms = delay_ms
         self.n_verified = 0
         self.max_frame = max_frame
         self.idle_timeout_s = idle_timeout_s
@@ -189,6 +193,9 @@ class WorkerService:
                         reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
                     except (ValueError, RuntimeError) as exc:  # ModelError, TraceMismatch
                         raise RequestError(str(exc)) from exc
+                if self.delay_ms > 0:
+                    time.sleep(self.delay_ms / 1e3)
+                    reply = replace(reply, t_worker_ms=reply.t_worker_ms + self.delay_ms)
                 conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
             elif kind == MsgType.SCORE:
                 rid, seq, n_ctx, temp = wire.decode_score(body, me.vocab_size)
@@ -319,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         "worker would (for worker-loss experiments)",
     )
     ap.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="fault injection: a slower device; every VERIFY reply waits this many ms more "
+        "(reported as compute), e.g. for straggler experiments",
+    )
+    ap.add_argument(
         "--replay",
         type=Path,
         action="append",
@@ -357,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')}: must be in (0, 604800] s, got {value}")
     if args.max_connections < 1:
         ap.error(f"--max-connections: must be >= 1, got {args.max_connections}")
+    if not (math.isfinite(args.delay_ms) and 0 <= args.delay_ms <= 3_600_000):
+        ap.error(f"--delay-ms: must be in [0, 3600000], got {args.delay_ms}")
     t0 = time.perf_counter()
     try:
         backend = _replay_backend(args) if args.replay else _live_backend(args)
@@ -371,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         frame_timeout_s=args.frame_timeout,
         max_connections=args.max_connections,
         token=token,
+        delay_ms=args.delay_ms,
     )
     server = _Server((host, port), _Handler, bind_and_activate=True)
     server.service = service

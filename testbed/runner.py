@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from specfed.points import write_points
+from specfed.policies import LinkEstimate
 from specfed.provenance import REPO, git_state, versions
 from testbed.scenario import REQUEST_PATHS, Scenario, ScenarioPoint, expand, group_points
 
@@ -97,6 +98,22 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
             tags[f"{name}_{d}_queue_pkts"] = p.max_queue_size
             tags[f"{name}_{d}_trace"] = p.trace.name if p.trace is not None else ""
     return tags
+
+
+def calibrated_estimates(calibration: Sequence[dict[str, Any]]) -> dict[str, LinkEstimate]:
+    """Worker host -> its path to the server as calibrated (`LinkCalibration.as_dict()` of
+    calibrate_pair(worker, "srv")): the measured median RTT (mean in older records) and
+    worker -> server TCP goodput;
+    what link-aware K starts from in a live run."""
+    out = {}
+    for cal in calibration:
+        up = next((g for g in cal.get("goodput", []) if g["src"] == cal["a"]), None)
+        out[cal["a"]] = LinkEstimate(
+            up_mbit=up["mbit"] if up and up["mbit"] > 0 else None,
+            rtt_ms=max(0.0, float(cal["rtt"].get("median_ms", cal["rtt"]["mean_ms"]))),
+            source="calibrated",
+        )
+    return out
 
 
 def _compute_tags(compute: dict[str, Any], roles: Sequence[str]) -> dict[str, Any]:
@@ -316,7 +333,11 @@ def run_group(
         for proc, log, w in started:
             _wait_ready(proc, log, spec.timeouts.worker_ready_s, f"worker {w}")
         points_file = run_dir / f"points-g{gi}.json"
-        write_points(points_file, [p.request for p in group])
+        requests = [p.request for p in group]
+        if not replay and "calibration" in info:  # k: auto starts from the measured links
+            estimates = calibrated_estimates(info["calibration"])
+            requests = [r.with_links(estimates) for r in requests]
+        write_points(points_file, requests)
         tags = {
             **_link_tags(emu, workers),
             **_swept_tags(group[0], swept),

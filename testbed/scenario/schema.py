@@ -17,11 +17,12 @@ from pydantic import Field, SkipValidation, ValidationInfo, field_validator, mod
 
 from specfed.config import StrictModel
 from specfed.options import IndexCoding, LossPolicy, Mode, Reconstruction, ValueDtype
-from specfed.points import MAX_GAMMA
+from specfed.policies import DEFAULT_GAMMA_MAX, MAX_GAMMA, AggregationSpec
 
 __all__ = [
     "SAFE_NAME",
     "TCP_CONGESTION",
+    "AggregationSpec",
     "Compute",
     "Decoding",
     "Direction",
@@ -182,6 +183,36 @@ class Decoding(StrictModel):
     """tokens generated per request"""
     prompts: Annotated[str, Field(min_length=1)] = "humaneval[:4]"
     """humaneval[a:b], a .jsonl file with a "prompt" per line, ids:1,2,3, or a literal prompt"""
+    gamma_policy: Literal["fixed", "heuristic", "cost"] = "fixed"
+    """gamma per round. fixed: `gamma` every round (the paper); heuristic: start at `gamma`,
+    +2 after a round whose drafts were all accepted, -1 otherwise (HF assisted generation;
+    decided from content: replayable); cost: the gamma minimizing the expected ms per token
+    from the measured round costs and the estimated acceptance (timing-dependent: live only)"""
+    gamma_min: Annotated[int, Field(ge=1, le=MAX_GAMMA, strict=True)] = 1
+    """adaptive gamma policies: the smallest gamma"""
+    gamma_max: Annotated[int, Field(ge=1, le=MAX_GAMMA, strict=True)] | None = None
+    """adaptive gamma policies: the largest gamma (null = max(16, gamma)); every round draws
+    the uniforms of gamma_max drafts, so points stay coupled whatever gamma a round uses"""
+
+    @field_validator("gamma_policy")
+    @classmethod
+    def _adaptive_needs_drafts(cls, v: str, info: ValidationInfo) -> str:
+        if v != "fixed" and info.data.get("gamma") == 0:
+            raise ValueError(f"{v} needs gamma >= 1 (gamma 0 is federated AR: nothing to adapt)")
+        return v
+
+    @field_validator("gamma_max")
+    @classmethod
+    def _gamma_range(cls, v: int | None, info: ValidationInfo) -> int | None:
+        lo, gamma = info.data.get("gamma_min"), info.data.get("gamma")
+        if info.data.get("gamma_policy", "fixed") == "fixed" or lo is None or gamma is None:
+            return v
+        hi = v if v is not None else max(DEFAULT_GAMMA_MAX, gamma)
+        if hi < lo:
+            raise ValueError(f"gamma_max {hi} is below gamma_min {lo}")
+        if not lo <= gamma <= hi:
+            raise ValueError(f"gamma {gamma} must lie in gamma_min..gamma_max = {lo}..{hi}")
+        return v
 
 
 class TransmissionBlock(StrictModel):
@@ -189,8 +220,9 @@ class TransmissionBlock(StrictModel):
 
     mode: Mode = Mode.FULL
     """full: all V probabilities; topk: the K largest; adaptive: smallest K with mass >= 1-eps"""
-    k: Annotated[int, Field(ge=1, strict=True)] | None = None
-    """topk: K; adaptive: the cap on K (ignored by full)"""
+    k: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] | None = None
+    """topk: K, or auto (link-aware K per worker and round, see k_budget_ms); adaptive: the
+    cap on K (ignored by full)"""
     reconstruction: Reconstruction = Reconstruction.RENORMALIZE
     """renormalize, residual-mass or draft-guided (ignored by full)"""
     epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.01
@@ -201,13 +233,41 @@ class TransmissionBlock(StrictModel):
     index_coding: IndexCoding = IndexCoding.FIXED
     """top-K indices on the wire: fixed (2-4 bytes), bitpack (ceil(log2 V) bits), or sorted
     and delta-coded: delta-varint, delta-bitpack (ignored by full)"""
+    k_budget_ms: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    """k: auto: the upload budget per reply, ms: each worker's K is the largest whose reply
+    serializes within it at the worker's upload goodput (propagation delay excluded)"""
+    k_min: Annotated[int, Field(ge=1, strict=True)] = 1
+    """k: auto: the smallest K"""
+    k_max: Annotated[int, Field(ge=1, strict=True)] = 1024
+    """k: auto: the largest K (and at most V)"""
+    k_source: Literal["link", "observed"] = "link"
+    """k: auto: link = from each worker's path at the start (calibrated live, configured in
+    replay: content-only, replayable); observed = then from the goodput of the worker's
+    recent replies (timing-dependent: live only)"""
 
     @field_validator("k")
     @classmethod
-    def _k_for_sparse(cls, v: int | None, info: ValidationInfo) -> int | None:
+    def _k_for_sparse(cls, v: int | str | None, info: ValidationInfo) -> int | str | None:
         mode = info.data.get("mode")
         if v is None and mode in (Mode.TOPK, Mode.ADAPTIVE):
             raise ValueError(f"{mode} transmission needs k (K, or the cap on K)")
+        if v == "auto" and mode == Mode.ADAPTIVE:
+            raise ValueError("auto is link-aware top-K: it needs mode topk")
+        return v
+
+    @field_validator("k_budget_ms")
+    @classmethod
+    def _auto_needs_budget(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None and info.data.get("k") == "auto" and info.data.get("mode") == Mode.TOPK:
+            raise ValueError("k: auto needs k_budget_ms (the upload budget per reply, ms)")
+        return v
+
+    @field_validator("k_max")
+    @classmethod
+    def _k_range(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("k_min")
+        if lo is not None and v < lo:
+            raise ValueError(f"k_max {v} is below k_min {lo}")
         return v
 
 
@@ -332,6 +392,12 @@ class ScenarioSpec(StrictModel):
     """live compute, or record once and replay with emulated compute time"""
     on_worker_loss: LossPolicy = LossPolicy.FAIL
     """fail: end the request; continue: drop the worker, renormalize the weights"""
+    aggregation: AggregationSpec = AggregationSpec()
+    """when a round's replies are enough: {wait: all} (the default), {quorum: M} (the first
+    M replies) or {deadline_ms: D} (what arrived D ms after sending, at least one); the
+    server aggregates over the replies that arrived, renormalizing the weights over them,
+    and records every dropped reply with its lateness. Quorum and deadline depend on timing:
+    live only"""
 
     @model_validator(mode="before")
     @classmethod

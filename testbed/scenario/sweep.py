@@ -30,6 +30,7 @@ from specfed.config import (
 )
 from specfed.options import Mode, Reconstruction
 from specfed.points import Point
+from specfed.policies import GammaSpec, KAuto, timing_dependent
 from testbed.scenario.schema import ScenarioSpec
 
 __all__ = [
@@ -48,12 +49,22 @@ __all__ = [
 REQUEST_PATHS = (
     "decoding.gamma",
     "decoding.temperature",
+    "decoding.gamma_policy",
+    "decoding.gamma_min",
+    "decoding.gamma_max",
     "transmission.mode",
     "transmission.k",
     "transmission.reconstruction",
     "transmission.epsilon",
     "transmission.value_dtype",
     "transmission.index_coding",
+    "transmission.k_budget_ms",
+    "transmission.k_min",
+    "transmission.k_max",
+    "transmission.k_source",
+    "aggregation.wait",
+    "aggregation.quorum",
+    "aggregation.deadline_ms",
 )
 SWEEP_SHORTHANDS = {
     "transmission": "transmission.mode",
@@ -61,6 +72,10 @@ SWEEP_SHORTHANDS = {
     "reconstruction": "transmission.reconstruction",
     "gamma": "decoding.gamma",
     "temperature": "decoding.temperature",
+    "gamma_policy": "decoding.gamma_policy",
+    "k_budget_ms": "transmission.k_budget_ms",
+    "quorum": "aggregation.quorum",
+    "deadline_ms": "aggregation.deadline_ms",
 }
 
 ScenarioError = ConfigError
@@ -85,8 +100,15 @@ class Scenario:
 
     @property
     def data(self) -> dict[str, Any]:
-        """Every field, defaults filled in, as plain YAML/JSON values."""
-        return self.spec.model_dump(mode="json")
+        """Every field, defaults filled in, as plain YAML/JSON values; except links, which
+        keep only the fields given: a link field left out inherits (from the link's block,
+        then `default`), so filling in defaults would change what it inherits (a `w2:
+        {delay_ms: 50, up: {bw_mbit: 5}}` would lose its up delay after a sweep)."""
+        data = self.spec.model_dump(mode="json")
+        data["links"] = {
+            k: v.model_dump(mode="json", exclude_unset=True) for k, v in self.spec.links.items()
+        }
+        return data
 
     def get(self, path: str) -> Any:
         """The value at a dotted path (e.g. 'links.w1.bw_mbit'), as plain data."""
@@ -142,7 +164,7 @@ def _check_sweep(raw: dict[str, Any], source: str) -> list[tuple[str, str]]:
                     (
                         f"{where}.{key}",
                         "not a scenario field (use a dotted path such as links.w1.bw_mbit, "
-                        "or transmission, k, reconstruction, gamma, temperature)",
+                        f"or one of {', '.join(SWEEP_SHORTHANDS)})",
                     )
                 )
     return problems
@@ -197,9 +219,34 @@ def scenario_from_dict(raw: Any, source: str, path: Path | None = None) -> Scena
         problems += validation_problems(exc, model=ScenarioSpec)
         spec = None
     problems += _check_sweep(raw, source)
+    if spec is not None:
+        problems += _check_policies(spec)
     if problems or spec is None:
         raise ConfigError(source, problems)
     return Scenario(path or Path(source), spec)
+
+
+def _check_policies(spec: ScenarioSpec) -> list[tuple[str, str]]:
+    """Problems of the policies against the rest of the scenario: a quorum larger than the
+    workers, a timing-dependent policy in replay mode (it cannot be recorded in process)."""
+    problems = []
+    n = len(spec.models.workers)
+    quorum = spec.aggregation.quorum
+    if quorum is not None and quorum > n:
+        problems.append(("aggregation.quorum", f"{quorum} exceeds the {n} workers"))
+    if spec.compute.mode == "replay":
+        t = spec.transmission
+        k_auto = (
+            KAuto(budget_ms=t.k_budget_ms or 1.0, source=t.k_source)
+            if t.k == "auto" and t.mode == Mode.TOPK
+            else None
+        )
+        gamma = GammaSpec(policy=spec.decoding.gamma_policy)
+        for where, why in timing_dependent(gamma, k_auto, spec.aggregation):
+            problems.append(
+                (where, f"{why}: compute.mode replay cannot replay it; use compute.mode: live")
+            )
+    return problems
 
 
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
@@ -235,11 +282,14 @@ class ScenarioPoint:
     @property
     def request(self) -> Point:
         """The per-request options, as the server reads them."""
+        from testbed.scenario.paths import configured_estimates
+
         s = self.scenario.spec
-        t = s.transmission
+        t, d = s.transmission, s.decoding
+        auto = t.k == "auto" and t.mode == Mode.TOPK
         return Point.of(
-            gamma=s.decoding.gamma,
-            temperature=s.decoding.temperature,
+            gamma=d.gamma,
+            temperature=d.temperature,
             mode=t.mode,
             k=t.k,
             reconstruction=t.reconstruction,
@@ -248,6 +298,15 @@ class ScenarioPoint:
             index_coding=t.index_coding,
             point=self.index,
             rep=self.rep,
+            gamma_policy=d.gamma_policy,
+            gamma_min=d.gamma_min,
+            gamma_max=d.gamma_max,
+            k_budget_ms=t.k_budget_ms,
+            k_min=t.k_min,
+            k_max=t.k_max,
+            k_source=t.k_source,
+            links=configured_estimates(self.scenario) if auto else None,
+            aggregation=s.aggregation,
         )
 
     @property

@@ -1,0 +1,72 @@
+"""Each worker's path to the server as the scenario configures it: the link estimate that
+link-aware K (`transmission.k: auto`) starts from when no calibration is available (replay,
+and `testbed validate`). A live run replaces it with the run's link calibration.
+
+The path is the shortest one from the worker host to `srv` in the topology; its upload
+goodput is the smallest configured rate (a trace-driven link's mean rate) in the worker ->
+server direction times the TCP
+payload share of a frame (`specfed.policies.GOODPUT_PER_RATE`); its RTT the sum of both
+one-way delays of every link on it. Loss and jitter are not part of the estimate (a
+calibration measures their effect).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+from specfed.policies import GOODPUT_PER_RATE, LinkEstimate
+from testbed.linkparams import LinkSpec
+from testbed.scenario.sweep import Scenario
+
+__all__ = ["configured_estimates", "path_estimate"]
+
+SERVER = "srv"
+
+
+def path_estimate(
+    specs: Mapping[tuple[str, str], LinkSpec], src: str, dst: str = SERVER
+) -> LinkEstimate:
+    """The configured estimate of the path src -> dst over links oriented node1 -> node2
+    (`up` = node1 -> node2). ValueError if there is no path."""
+    adj: dict[str, list[tuple[str, tuple[str, str]]]] = {}
+    for a, b in specs:
+        adj.setdefault(a, []).append((b, (a, b)))
+        adj.setdefault(b, []).append((a, (a, b)))
+    prev: dict[str, tuple[str, tuple[str, str]]] = {}
+    todo, seen = deque([src]), {src}
+    while todo:
+        n = todo.popleft()
+        for m, key in adj.get(n, []):
+            if m not in seen:
+                seen.add(m)
+                prev[m] = (n, key)
+                todo.append(m)
+    if dst not in seen:
+        raise ValueError(f"no path from {src} to {dst}")
+    rates, rtt, n = [], 0.0, dst
+    while n != src:
+        p, key = prev[n]
+        spec = specs[key]
+        forward = spec.up if key[0] == p else spec.down  # the direction src -> dst
+        rate = forward.trace.mean_mbit if forward.trace is not None else forward.bw_mbit
+        if rate:  # a trace-driven link: its mean rate
+            rates.append(rate)
+        rtt += spec.up.delay_ms + spec.down.delay_ms
+        n = p
+    up = min(rates) * GOODPUT_PER_RATE if rates else None
+    return LinkEstimate(up_mbit=up, rtt_ms=rtt, source="configured")
+
+
+def configured_estimates(scenario: Scenario) -> dict[str, LinkEstimate]:
+    """Worker host -> its configured path estimate to the server (builds the topology
+    object, no network: no root needed)."""
+    from testbed.linkemu.net import _resolve_specs
+    from testbed.scenario.check import build_topology
+    from testbed.scenario.links import link_specs
+
+    sc = scenario.spec
+    topo = build_topology(scenario)
+    default, per = link_specs(sc.links, topo.hosts(), topo.links(), sc.topology.name)
+    specs = _resolve_specs(topo, per, default)  # the specs the real net gets, oriented
+    return {w: path_estimate(specs, w) for w in sc.models.workers}
