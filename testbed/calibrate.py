@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from typing import Any
 from mininet.node import Node
 
 from testbed.linkemu import EmuNet, read_first_line
-from testbed.linkparams import ETH_FRAME_BYTES, LinkSpec
+from testbed.linkparams import ETH_FRAME_BYTES, LinkSpec, path_specs
 
 PING_FRAME_BYTES = 98  # 56 B payload + 8 ICMP + 20 IP + 14 Ethernet
 #: UDP payload of a rate-train packet: a full 1514-byte Ethernet frame (no FCS).
@@ -601,31 +600,10 @@ def measure_rate(
 def path_links(emu: EmuNet, a: str, b: str) -> list[tuple[tuple[str, str], LinkSpec]]:
     """The links from node ``a`` to node ``b`` (shortest path), each as ``((node1, node2),
     spec)`` with the spec re-oriented so that ``up`` points from ``a`` towards ``b``."""
-    adj: dict[str, list[tuple[str, tuple[str, str]]]] = {}
-    for key in emu.links:
-        x, y = key
-        adj.setdefault(x, []).append((y, key))
-        adj.setdefault(y, []).append((x, key))
-    prev: dict[str, tuple[str, tuple[str, str]]] = {}
-    seen = {a}
-    todo = deque([a])
-    while todo:
-        n = todo.popleft()
-        for m, key in adj.get(n, []):
-            if m not in seen:
-                seen.add(m)
-                prev[m] = (n, key)
-                todo.append(m)
-    if b not in seen:
-        raise CalibrationError(f"no path from {a} to {b}")
-    hops = []
-    n = b
-    while n != a:
-        p, key = prev[n]
-        spec = emu.links[key]
-        hops.append((key, spec if key[0] == p else spec.reversed()))
-        n = p
-    return hops[::-1]
+    try:
+        return path_specs(emu.links, a, b)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def configured_rtt_ms(

@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -592,3 +593,35 @@ class LinkSpec:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict ``{"up": {...}, "down": {...}}`` (for result metadata)."""
         return {"up": self.up.as_dict(), "down": self.down.as_dict()}
+
+
+def path_specs(
+    links: Mapping[tuple[str, str], LinkSpec], src: str, dst: str
+) -> list[tuple[tuple[str, str], LinkSpec]]:
+    """The links of the shortest path from node ``src`` to node ``dst``, in order, each as
+    ``((node1, node2), spec)`` with the spec re-oriented so that ``up`` points from ``src``
+    towards ``dst``. ValueError if there is no path."""
+    adj: dict[str, list[tuple[str, tuple[str, str]]]] = {}
+    for key in links:
+        x, y = key
+        adj.setdefault(x, []).append((y, key))
+        adj.setdefault(y, []).append((x, key))
+    prev: dict[str, tuple[str, tuple[str, str]]] = {}
+    seen, todo = {src}, deque([src])
+    while todo:
+        n = todo.popleft()
+        for m, key in adj.get(n, []):
+            if m not in seen:
+                seen.add(m)
+                prev[m] = (n, key)
+                todo.append(m)
+    if dst not in seen:
+        raise ValueError(f"no path from {src} to {dst}")
+    hops = []
+    n = dst
+    while n != src:
+        p, key = prev[n]
+        spec = links[key]
+        hops.append((key, spec if key[0] == p else spec.reversed()))
+        n = p
+    return hops[::-1]

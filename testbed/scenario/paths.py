@@ -12,11 +12,10 @@ calibration measures their effect).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 
 from specfed.policies import GOODPUT_PER_RATE, LinkEstimate
-from testbed.linkparams import LinkSpec
+from testbed.linkparams import LinkSpec, path_specs
 from testbed.scenario.sweep import Scenario
 
 __all__ = ["configured_estimates", "path_estimate"]
@@ -29,31 +28,13 @@ def path_estimate(
 ) -> LinkEstimate:
     """The configured estimate of the path src -> dst over links oriented node1 -> node2
     (`up` = node1 -> node2). ValueError if there is no path."""
-    adj: dict[str, list[tuple[str, tuple[str, str]]]] = {}
-    for a, b in specs:
-        adj.setdefault(a, []).append((b, (a, b)))
-        adj.setdefault(b, []).append((a, (a, b)))
-    prev: dict[str, tuple[str, tuple[str, str]]] = {}
-    todo, seen = deque([src]), {src}
-    while todo:
-        n = todo.popleft()
-        for m, key in adj.get(n, []):
-            if m not in seen:
-                seen.add(m)
-                prev[m] = (n, key)
-                todo.append(m)
-    if dst not in seen:
-        raise ValueError(f"no path from {src} to {dst}")
-    rates, rtt, n = [], 0.0, dst
-    while n != src:
-        p, key = prev[n]
-        spec = specs[key]
-        forward = spec.up if key[0] == p else spec.down  # the direction src -> dst
+    rates, rtt = [], 0.0
+    for _key, spec in path_specs(specs, src, dst):  # oriented: up = src -> dst
+        forward = spec.up
         rate = forward.trace.mean_mbit if forward.trace is not None else forward.bw_mbit
         if rate:  # a trace-driven link: its mean rate
             rates.append(rate)
         rtt += spec.up.delay_ms + spec.down.delay_ms
-        n = p
     up = min(rates) * GOODPUT_PER_RATE if rates else None
     return LinkEstimate(up_mbit=up, rtt_ms=rtt, source="configured")
 
