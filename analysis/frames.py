@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,31 @@ def _concat(runs: list[Run], what: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+#: The policy columns (docs/policies.md): text ones with the value a run without policies
+#: means, numeric ones (empty where the policy does not use them).
+POLICY_DEFAULTS = {"gamma_policy": "fixed", "k_policy": "fixed", "k_source": "link",
+                   "aggregation": "all"}  # fmt: skip
+POLICY_NUMBERS = ("gamma_min", "gamma_max", "k_budget_ms", "k_min", "k_max", "quorum",
+                  "deadline_ms")  # fmt: skip
+
+
+def policy_suffix(row: Mapping[str, Any]) -> str:
+    """What a configuration's name adds for its policies ('' at the paper's defaults):
+    ' auto(4ms)' (link-aware K; 'observed' when it follows the replies), ' γ:heuristic',
+    ' quorum 2', ' deadline 300ms'."""
+    out = ""
+    if row.get("k_policy") == "auto":
+        src = ",observed" if row.get("k_source") == "observed" else ""
+        out += f" auto({float(row['k_budget_ms']):g}ms{src})"
+    if row.get("gamma_policy", "fixed") != "fixed":
+        out += f" γ:{row['gamma_policy']}"
+    if row.get("aggregation") == "quorum":
+        out += f" quorum {int(row['quorum'])}"
+    elif row.get("aggregation") == "deadline":
+        out += f" deadline {float(row['deadline_ms']):g}ms"
+    return out
+
+
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
     """Dtypes of the point columns and of every link / dotted column."""
     for c in ("k", "epsilon", "index_bytes", "temperature", "vocab_size"):
@@ -216,6 +241,11 @@ def _normalize(df: pd.DataFrame) -> pd.DataFrame:
     if "transmission" in df:  # runs from before the column existed: fixed-width indices
         coding = df["index_coding"] if "index_coding" in df else pd.Series("fixed", df.index)
         df["index_coding"] = coding.fillna("fixed").astype(str)
+    if "transmission" in df:  # runs from before the policies: their defaults
+        for c, default in POLICY_DEFAULTS.items():
+            df[c] = df[c].fillna(default).astype(str) if c in df else default
+        for c in POLICY_NUMBERS:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float) if c in df else np.nan
     if "warmup" in df:
         df["warmup"] = df["warmup"].fillna(False).astype(bool)
     for c in df.columns:
@@ -328,6 +358,9 @@ def _config_names(
         {(int(g), float(t)) for g, t in zip(df["gamma"], df["temperature"], strict=True) if g > 0}
     )
     names, orders, fams = [], [], []
+    policy_cols = [c for c in (*POLICY_DEFAULTS, *POLICY_NUMBERS) if c in df]
+    policy_rows = iter(df[policy_cols].to_dict("records") if policy_cols else [{}] * len(df))
+    policy_order: dict[str, int] = {}
     cols = ["transmission", "k", "reconstruction", "gamma", "temperature", "epsilon"]
     for (tr, k, rec, g, t, eps), vdt, ib in zip(
         df[cols].itertuples(index=False), df["value_dtype"], df["index_bytes"], strict=True
@@ -351,6 +384,12 @@ def _config_names(
         ls = st.linestyle
         if (multi_gamma or multi_temp) and g > 0:
             ls = VARIANT_LINESTYLES[variants.index((g, float(t))) % len(VARIANT_LINESTYLES)]
+        pol = next(policy_rows)
+        if policy := policy_suffix(pol):
+            suffix += policy
+            extra += 1e-9 * policy_order.setdefault(policy, len(policy_order) + 1)
+        if pol.get("k_policy") == "auto":  # K varies per worker and round: no K in the name
+            st = replace(st, name=st.name.replace("-? ", " "))
         name = st.name + suffix
         styles.setdefault(name, replace(st, name=name, order=st.order + extra, linestyle=ls))
         fam = family_style(str(tr), str(rec), g)

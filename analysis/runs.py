@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from specfed.records import POINT_COLUMNS
+from specfed.records import POINT_COLUMNS, POLICY_COLUMNS
 
 __all__ = [
     "LINK_COLUMN",
@@ -50,8 +50,8 @@ __all__ = [
 
 REQUIRED_FILES = ("requests.csv", "rounds.csv", "meta.json")
 #: Point columns added after runs were first written: absent means their default
-#: (index_coding: fixed-width indices).
-_LATER_POINT_COLUMNS = ("index_coding",)
+#: (index_coding: fixed-width indices; the policies: fixed gamma and K, wait for all).
+_LATER_POINT_COLUMNS = ("index_coding", *POLICY_COLUMNS)
 _POINT = tuple(c for c in POINT_COLUMNS if c not in _LATER_POINT_COLUMNS)
 #: Columns a requests.csv must hold to be analysed (logp_mean, events and tokens are optional).
 REQUIRED_REQUEST_COLUMNS = (

@@ -758,3 +758,28 @@ def test_registry_gives_fixed_styles() -> None:
 
         hues.append(colorsys.rgb_to_hls(*to_rgb(s.color))[0])
     assert len({round(h, 3) for h in hues}) == 4
+
+
+def test_policies_name_configurations_and_older_runs_default_to_the_papers(
+    tmp_path: Path,
+) -> None:
+    """The fixture predates the policy columns: it loads with the paper's defaults (fixed
+    gamma, fixed K, wait for all). Policy columns that vary split configurations and name
+    them: a link-aware K point shows its budget instead of a K, a quorum point its M."""
+    old = analysis.load(FIXTURE).requests
+    assert set(old["gamma_policy"]) == {"fixed"} and set(old["aggregation"]) == {"all"}
+    run = _copy_fixture(tmp_path / "run")
+    req = pd.read_csv(run / "requests.csv", dtype=str)
+    topk = req.index[req["transmission"] == "topk"]
+    points = sorted(req.loc[topk, "point"].unique())
+    auto, quorum = req["point"] == points[0], req["point"] == points[-1]
+    req["k_policy"] = np.where(req["transmission"] == "full", "", "fixed")
+    req["aggregation"] = "all"
+    req.loc[auto, ["k_policy", "k_budget_ms", "k"]] = ["auto", "4", ""]
+    req.loc[quorum, ["aggregation", "quorum"]] = ["quorum", "2"]
+    req.to_csv(run / "requests.csv", index=False)
+    names = analysis.load(run).requests.groupby("point")["config"].first()
+    assert re.fullmatch(r"topk \S+ auto\(4ms\)", names[int(points[0])])
+    assert names[int(points[-1])].endswith(" quorum 2")
+    for p in (points[0], points[-1]):  # no other point carries these names
+        assert (names == names[int(p)]).sum() == 1
