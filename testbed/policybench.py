@@ -213,8 +213,6 @@ def straggler_scenario(models: str, link: str, deadlines: Sequence[float]) -> di
         "network": {"calibrate": True},
         "timeouts": {"worker_ready_s": 600, "point_s": 3600, "round_s": 600},
     }  # fmt: skip
-    if link == "lossy":  # TCP goodput over 5 % loss is far below the rate: calibrate RTT only
-        raw["network"]["goodput_min_ratio"] = 0.0
     if models == "tiny":
         raw["models"] = {**_tiny_models(raw["models"]), "workers": {
             "w1": TINY["w1"], "w2": TINY["w2"], "w3": TINY["w2"]}}  # fmt: skip
