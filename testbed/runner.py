@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import platform
 import signal
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 from specfed.points import write_points
-from specfed.policies import LinkEstimate
+from specfed.policies import GOODPUT_PER_RATE, LinkEstimate
 from specfed.provenance import REPO, git_state, versions
 from testbed.scenario import REQUEST_PATHS, Scenario, ScenarioPoint, expand, group_points
 
@@ -102,17 +103,23 @@ def _link_tags(emu: Any, workers: Sequence[str]) -> dict[str, Any]:
 
 def calibrated_estimates(calibration: Sequence[dict[str, Any]]) -> dict[str, LinkEstimate]:
     """Worker host -> its path to the server as calibrated (`LinkCalibration.as_dict()` of
-    calibrate_pair(worker, "srv")): the measured median RTT (mean in older records) and
-    worker -> server TCP goodput;
-    what link-aware K starts from in a live run."""
+    calibrate_pair(worker, "srv")): the measured median RTT (mean in older records) and the
+    worker -> server upload goodput: TCP goodput where it was measured, else the measured
+    link rate (UDP train, Ethernet frames) times the TCP payload share of a frame; what
+    link-aware K starts from in a live run. No measurement in that direction: unlimited."""
     out = {}
     for cal in calibration:
-        up = next((g for g in cal.get("goodput", []) if g["src"] == cal["a"]), None)
-        out[cal["a"]] = LinkEstimate(
-            up_mbit=up["mbit"] if up and up["mbit"] > 0 else None,
-            rtt_ms=max(0.0, float(cal["rtt"].get("median_ms", cal["rtt"]["mean_ms"]))),
-            source="calibrated",
-        )
+        tcp = next((g for g in cal.get("goodput", []) if g["src"] == cal["a"]), None)
+        udp = next((r for r in cal.get("rate", []) if r["src"] == cal["a"]), None)
+        if tcp and tcp["mbit"] > 0:
+            up: float | None = float(tcp["mbit"])
+        elif udp and udp["mbit"] > 0:
+            up = float(udp["mbit"]) * GOODPUT_PER_RATE
+        else:
+            up = None
+        rtt = cal["rtt"].get("median_ms", math.nan)
+        rtt = rtt if math.isfinite(rtt) else cal["rtt"]["mean_ms"]
+        out[cal["a"]] = LinkEstimate(up_mbit=up, rtt_ms=max(0.0, float(rtt)), source="calibrated")
     return out
 
 

@@ -633,6 +633,17 @@ def test_calibrated_estimates_from_the_runner():
     est = calibrated_estimates(cal)
     assert est["w1"] == LinkEstimate(up_mbit=19.1, rtt_ms=42.1, source="calibrated")
     assert est["w2"].up_mbit is None and est["w2"].rtt_ms == 102.3
+    # today's calibration: median RTT, link rate from a UDP train (no TCP goodput)
+    cal = [
+        {"a": "w1", "b": "srv", "rtt": {"mean_ms": 42.5, "median_ms": 42.2}, "goodput": [],
+         "rate": [{"src": "w1", "dst": "srv", "mbit": 19.9},
+                  {"src": "srv", "dst": "w1", "mbit": 5.0}]},
+        {"a": "w2", "b": "srv", "rtt": {"mean_ms": 9.0, "median_ms": math.nan}, "rate": []},
+    ]  # fmt: skip
+    est = calibrated_estimates(cal)
+    assert est["w1"].rtt_ms == 42.2
+    assert est["w1"].up_mbit == pytest.approx(19.9 * GOODPUT_PER_RATE)
+    assert est["w2"].up_mbit is None and est["w2"].rtt_ms == 9.0
 
 
 def test_sweep_keeps_inherited_link_fields(tmp_path):
