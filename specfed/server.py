@@ -450,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, (prompt_id, ids) in enumerate(drafter.prompts(point)):
             rid = f"{run_id}-p{point.point}r{point.rep}-{i}"
             # The first request of a set of worker processes pays their warm-up (allocator,
-            # caches, lazy init): flagged, so analysis can leave it out.
-            req_keys = {**keys, "request_id": rid, "prompt_id": prompt_id, "warmup": first_request}
+            # caches, lazy init): flagged, so analysis can leave it out. Replayed processes
+            # run no model: their first request is like the others (measured within 0.1 %).
+            warmup = first_request and drafter.mode == "live"
+            req_keys = {**keys, "request_id": rid, "prompt_id": prompt_id, "warmup": warmup}
             first_request = False
 
             def on_round(r: RoundRecord, req_keys: dict[str, Any] = req_keys) -> None:

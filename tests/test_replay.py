@@ -113,12 +113,14 @@ def test_replay_emits_the_recorded_tokens(traces, replayed):
         recorded = Trace.open(path).meta["requests"][0]["tokens"]
         assert [int(x) for x in r["tokens"].split()] == recorded
         assert r["compute_mode"] == "replay"
+        assert r["warmup"] == "False"  # replayed processes load no model: no warm-up
 
 
 def test_replay_equals_the_live_run(live, replayed):
     """Same tokens, same bytes on the wire in every round, same fidelity score."""
     lr, rr = _rows(live / "requests.csv"), _rows(replayed / "requests.csv")
     assert [r["tokens"] for r in lr] == [r["tokens"] for r in rr]
+    assert [r["warmup"] for r in lr] == ["True"] + ["False"] * (len(lr) - 1)
     assert [float(r["logp_mean"]) for r in lr] == pytest.approx(
         [float(r["logp_mean"]) for r in rr], abs=1e-12
     )
