@@ -298,6 +298,20 @@ def _paths(
     return out
 
 
+def upload_link_columns(res: Results, rows: pd.DataFrame) -> list[list[str]]:
+    """For each row of `rows` (run, point, rep, worker): the bandwidth columns of the links
+    its worker's replies cross towards srv, in order (`w1_up_bw_mbit`, `srv_down_bw_mbit`,
+    `e1-s0_up_bw_mbit`, ...)."""
+    tables = {run.label: _paths(run, res.workers) for run in res.runs}
+    out = []
+    for run, point, rep, worker in rows[["run", "point", "rep", "worker"]].itertuples(index=False):
+        table = tables.get(run, {})
+        paths = table.get((int(point), int(rep)), table.get((-1, -1), {}))
+        hops = paths.get(worker) or [(worker, True), ("srv", False)]
+        out.append([f"{name}_{'up' if fwd else 'down'}_bw_mbit" for name, fwd in hops])
+    return out
+
+
 def _add_paths(df: pd.DataFrame, runs: list[Run], workers: list[str]) -> pd.DataFrame:
     """<w>_path_rtt_ms, <w>_path_bw_up_mbit, <w>_path_bw_down_mbit per row."""
     new: dict[str, np.ndarray] = {

@@ -600,7 +600,10 @@ def write_report(
         w(
             "Per round: bound = t_draft + max over workers of (RTT_w + 8 bytes_up_w / "
             "bw_up_w + 8 bytes_down_w / bw_down_w + t_worker_w) + t_aggregate, with bw the "
-            "bottleneck of the worker's path to / from srv. RTT_w: the measured calibration "
+            "bottleneck of the worker's path to / from srv, bytes counted on the wire "
+            "(TCP/IP/Ethernet headers), and no earlier than the replies sharing a link (the "
+            "server's access link, a group's uplink) can all cross it after the first could "
+            "start. RTT_w: the measured calibration "
             "RTT of the worker's path in its network group (meta.json), else the configured "
             "path RTT; "
             + ", ".join(f"{k} for {v} rounds" for k, v in src.items())

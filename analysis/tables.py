@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.frames import UNITS, Results
+from analysis.frames import UNITS, Results, upload_link_columns
 from analysis.stats import geometric_interval, t_interval, unit_means, wilson
 from specfed.codecs import adaptive_header_bytes
 from specfed.messages import Transmission
@@ -243,6 +243,39 @@ def _own(r: pd.DataFrame, what: str) -> np.ndarray:
 TCP_SEGMENT_BYTES, SEGMENT_HEADER_BYTES = 1448, 66
 
 
+def _shared_link_bound(
+    res: Results,
+    r: pd.DataFrame,
+    up: np.ndarray,
+    down: np.ndarray,
+    bw_down: np.ndarray,
+    keys: list[str],
+) -> pd.Series:
+    """Per round: the latest of, over every link some replies share on their way to srv
+    (the server's access link, a group's uplink), the earliest those replies can start
+    (RTT + request + compute) plus all of them serialized on it one after another."""
+    start = (
+        np.nan_to_num(r["rtt_ms"].to_numpy(dtype=float))
+        + down * 8 / (bw_down * 1e3)
+        + r["t_worker_ms"].to_numpy(dtype=float)
+    )
+    long = []
+    for i, cols in enumerate(upload_link_columns(res, r)):
+        for col in cols:
+            rate = pd.to_numeric(r[col].iloc[i], errors="coerce") if col in r else np.nan
+            if np.isfinite(rate) and rate > 0:  # no rate limit: no serialization term
+                long.append((i, col, start[i], up[i] * 8 / (rate * 1e3)))
+    if not long:
+        return pd.Series(dtype=float)
+    df = pd.DataFrame(long, columns=["row", "link", "start_ms", "ser_ms"])
+    for k in keys:
+        df[k] = r[k].to_numpy()[df["row"].to_numpy()]
+    per_link = df.groupby([*keys, "link"], sort=False).agg(
+        start_ms=("start_ms", "min"), ser_ms=("ser_ms", "sum")
+    )
+    return (per_link["start_ms"] + per_link["ser_ms"]).groupby(level=keys, sort=False).max()
+
+
 def wire_bytes(payload: np.ndarray) -> np.ndarray:
     """Bytes a TCP payload takes on an emulated link: every segment adds 66 header bytes."""
     return payload + SEGMENT_HEADER_BYTES * np.maximum(1.0, np.ceil(payload / TCP_SEGMENT_BYTES))
@@ -267,8 +300,10 @@ def critical_path(res: Results) -> pd.DataFrame:
     Lower bound (ms), bytes counted on the wire (`wire_bytes`: TCP/IP/Ethernet headers of
     every segment): t_draft + max(max over workers of (RTT_w + 8 bytes_up / bw_up_w + 8
     bytes_down / bw_down_w + t_worker_w + t_decode_w), the earliest a reply can start plus
-    every reply serialized on the server's own access link: min_w(RTT_w + 8 bytes_down /
-    bw_down_w + t_worker_w) + sum_w 8 bytes_up_w / bw_srv_in) + t_aggregate, with RTT_w the
+    every reply serialized on each link several replies share (the server's access link, a
+    group's uplink): max over links L of (min over w crossing L of (RTT_w + 8 bytes_down /
+    bw_down_w + t_worker_w) + sum over w crossing L of 8 bytes_up_w / bw_L)) + t_aggregate,
+    with RTT_w the
     measured calibration RTT of the worker's path (else the configured path RTT) and
     bw_up_w / bw_down_w the bottleneck bandwidth of its path towards / from srv.
     """
@@ -301,33 +336,18 @@ def critical_path(res: Results) -> pd.DataFrame:
         + r["t_worker_ms"].to_numpy(dtype=float)
         + r["t_decode_ms"].to_numpy(dtype=float)
     )
-    # every reply also crosses the server's own access link (switch -> srv), one after
-    # another: the round cannot end before the first reply could start plus all of them
-    srv_in = (
-        pd.to_numeric(r["srv_down_bw_mbit"], errors="coerce").to_numpy(dtype=float)
-        if "srv_down_bw_mbit" in r
-        else np.full(len(r), np.nan)
-    )
-    r["srv_in_ms"] = up * 8 / (np.nan_to_num(srv_in, nan=np.inf) * 1e3)
-    r["worker_start_ms"] = (
-        np.nan_to_num(r["rtt_ms"].to_numpy(dtype=float))
-        + down * 8 / (bw_down * 1e3)
-        + r["t_worker_ms"].to_numpy(dtype=float)
-    )
     keys = ["run", "request_id", "round"]
     crit = r.loc[r.groupby(keys, sort=False)["t_done_ms"].idxmax()].set_index(keys)
     per = r.groupby(keys, sort=False).agg(
         bytes_up=("bytes_up", "sum"),
         bytes_down=("bytes_down", "sum"),
         max_worker_bound_ms=("worker_bound_ms", "max"),
-        first_start_ms=("worker_start_ms", "min"),
-        shared_in_ms=("srv_in_ms", "sum"),
         n_workers=("worker", "size"),
     )
+    shared = _shared_link_bound(res, r, up, down, bw_down, keys)
     per["max_worker_bound_ms"] = np.maximum(
-        per["max_worker_bound_ms"], per["first_start_ms"] + per["shared_in_ms"]
+        per["max_worker_bound_ms"], shared.reindex(per.index).fillna(0.0)
     )
-    per = per.drop(columns=["first_start_ms", "shared_in_ms"])
     req_cols = [
         c for c in res.requests.columns if c in crit.columns and c not in ("run", "request_id")
     ]

@@ -783,3 +783,25 @@ def test_policies_name_configurations_and_older_runs_default_to_the_papers(
     assert names[int(points[-1])].endswith(" quorum 2")
     for p in (points[0], points[-1]):  # no other point carries these names
         assert (names == names[int(p)]).sum() == 1
+
+
+def test_lower_bound_counts_replies_sharing_a_group_uplink() -> None:
+    """Two-tier: both workers' replies cross the uplink e1-s0 one after another, so no round
+    can end before the first of them could start plus both serialized on it."""
+    res = analysis.load(TWO_TIER, keep_warmup=True)
+    r = res.rounds
+
+    def wire(b: pd.Series) -> pd.Series:
+        return b + 66 * np.maximum(1, np.ceil(b / 1448))
+
+    rate = pd.to_numeric(r["e1-s0_up_bw_mbit"])
+    r = r.assign(uplink_ms=wire(r["bytes_up"]) * 8 / (rate * 1e3))
+    per = r.groupby(["run", "request_id", "round"])
+    shared = per["uplink_ms"].sum()
+    rt = res.round_times.set_index(["run", "request_id", "round"])
+    fixed = per["t_draft_ms"].first() + per["t_aggregate_ms"].first()
+    bound = rt["bound_ms"] - fixed.reindex(rt.index)
+    assert (bound.reindex(shared.index) >= shared - 1e-9).all()
+    full = rt["transmission"] == "full"  # 2 x 0.15 MB replies: the shared uplink dominates
+    assert (bound[full] > 1.5 * (shared[full.index[full]] / 2)).all()
+    assert (rt["t_round_ms"] >= rt["bound_ms"] * 0.999).all()
