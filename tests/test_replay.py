@@ -116,6 +116,24 @@ def test_replay_emits_the_recorded_tokens(traces, replayed):
         assert r["warmup"] == "False"  # replayed processes load no model: no warm-up
 
 
+def test_a_warm_up_request_keeps_every_request_in_the_statistics(live, tmp_path):
+    """--warmup-tokens: one unrecorded request first (an event with its time); then no
+    request is flagged warmup, and the recorded requests are the run without it."""
+    ws = [WorkerProc(m, tmp_path / f"{m}.log") for m in (W1, W2)]
+    try:
+        proc = _server(ws, tmp_path / "run", "--warmup-tokens", "3")
+    finally:
+        for w in ws:
+            w.stop()
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(tmp_path / "run" / "requests.csv")
+    assert {r["warmup"] for r in rows} == {"False"}
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in _rows(live / "requests.csv")]
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    warm = [e for e in events if e["event"] == "warmup"]
+    assert len(warm) == 1 and warm[0]["tokens"] == 3 and warm[0]["ms"] > 0
+
+
 def test_replay_equals_the_live_run(live, replayed):
     """Same tokens, same bytes on the wire in every round, same fidelity score."""
     lr, rr = _rows(live / "requests.csv"), _rows(replayed / "requests.csv")
