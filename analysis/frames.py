@@ -65,8 +65,8 @@ __all__ = ["SCHEME", "UNITS", "Axis", "Results", "load_results"]
 
 #: The per-request options of a configuration (records columns), grouped by everywhere.
 SCHEME = [
-    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "reconstruction", "gamma",
-    "temperature",
+    "transmission", "k", "epsilon", "value_dtype", "index_bytes", "index_coding",
+    "reconstruction", "gamma", "temperature",
 ]  # fmt: skip
 #: The statistical unit: one repetition of one point in one run folder.
 UNITS = ["run", "rep"]
@@ -368,6 +368,7 @@ def _config_names(
     lossy = df["transmission"] != "full"
     multi_dtype = df["value_dtype"].nunique() > 1
     multi_ib = df.loc[lossy, "index_bytes"].nunique() > 1
+    multi_coding = df.loc[lossy, "index_coding"].nunique() > 1
     variants = sorted(
         {(int(g), float(t)) for g, t in zip(df["gamma"], df["temperature"], strict=True) if g > 0}
     )
@@ -376,8 +377,12 @@ def _config_names(
     policy_rows = iter(df[policy_cols].to_dict("records") if policy_cols else [{}] * len(df))
     policy_order: dict[str, int] = {}
     cols = ["transmission", "k", "reconstruction", "gamma", "temperature", "epsilon"]
-    for (tr, k, rec, g, t, eps), vdt, ib in zip(
-        df[cols].itertuples(index=False), df["value_dtype"], df["index_bytes"], strict=True
+    for (tr, k, rec, g, t, eps), vdt, ib, coding in zip(
+        df[cols].itertuples(index=False),
+        df["value_dtype"],
+        df["index_bytes"],
+        df["index_coding"],
+        strict=True,
     ):
         g = int(g)
         e = float(eps) if tr == "adaptive" else None
@@ -391,6 +396,9 @@ def _config_names(
             extra += float(t) * 1e-5
         if multi_dtype and vdt != "fp32":
             suffix += f" {vdt}"
+            extra += 1e-7
+        if multi_coding and tr != "full" and coding != "fixed":
+            suffix += f" {coding}"
             extra += 1e-7
         if multi_ib and tr != "full" and math.isfinite(ib):
             suffix += f" idx{int(ib)}B"
@@ -427,6 +435,8 @@ SETTING_COLUMNS = ("compute_mode", "vocab_size", "link_backend")
 NOT_SETTINGS = frozenset(
     {"run", "run_id", "point", "rep", "request_id", "prompt_id", "warmup", "seed", *SCHEME}
     | set(REQUEST_ONLY)
+    | set(POLICY_DEFAULTS)
+    | set(POLICY_NUMBERS)
 )
 
 
