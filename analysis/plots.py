@@ -326,6 +326,10 @@ def speedup_vs(res: Results, table: pd.DataFrame, axis: Axis, path: Path) -> Pat
     )  # fmt: skip
 
 
+#: Markers telling settings apart where colour already names the configuration.
+SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def speedup_dots(res: Results, table: pd.DataFrame, path: Path) -> Path:
     """Paired speedup per configuration when no link parameter varies: one panel per
     baseline, one dot per setting."""
@@ -334,15 +338,28 @@ def speedup_dots(res: Results, table: pd.DataFrame, path: Path) -> Path:
     fig, axs = plt.subplots(
         1, len(baselines), figsize=(6.2 * len(baselines) + 2, 0.45 * len(names) + 2), squeeze=False
     )
+    settings = list(dict.fromkeys(table["setting"])) if "setting" in table else [""]
     for ax, b in zip(axs[0], baselines, strict=True):
         t = table[table["baseline"] == b]
         ys = {c: i for i, c in enumerate(names)}
         for cfg, d in t.groupby("config", sort=False):
             st = res.styles[str(cfg)]
-            y = np.full(len(d), ys[str(cfg)], dtype=float)
-            m = d["mean"].to_numpy(dtype=float)
-            err = np.vstack([np.nan_to_num(m - d["ci_low"]), np.nan_to_num(d["ci_high"] - m)])
-            ax.errorbar(m, y, xerr=err, ls="none", marker=st.marker, color=st.color, capsize=3)
+            for j, setting in enumerate(settings):  # one dot per setting, offset, own marker
+                ds = d[d["setting"] == setting] if "setting" in d else d
+                if ds.empty:
+                    continue
+                off = (j - (len(settings) - 1) / 2) * 0.3 if len(settings) > 1 else 0.0
+                y = np.full(len(ds), ys[str(cfg)] + off, dtype=float)
+                m = ds["mean"].to_numpy(dtype=float)
+                err = np.vstack([np.nan_to_num(m - ds["ci_low"]), np.nan_to_num(ds["ci_high"] - m)])
+                marker = SETTING_MARKERS[j % len(SETTING_MARKERS)] if len(settings) > 1 else None
+                ax.errorbar(m, y, xerr=err, ls="none", marker=marker or st.marker,
+                            color=st.color, capsize=3)  # fmt: skip
+        if len(settings) > 1:
+            for j, setting in enumerate(settings):
+                ax.plot([], [], ls="none", color="grey", label=str(setting),
+                        marker=SETTING_MARKERS[j % len(SETTING_MARKERS)])  # fmt: skip
+            ax.legend(title="setting", fontsize="small", loc="best")
         ax.axvline(1.0, color="black", lw=0.9, ls="--")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize="small")
