@@ -52,3 +52,43 @@ class WorkerProc:
                 self.proc.kill()
                 self.proc.wait()
         self.fh.close()
+
+
+def run_server(
+    workers: list[WorkerProc],
+    out: Path,
+    *,
+    draft: str,
+    points_file: Path,
+    prompts: str,
+    max_new_tokens: int,
+    seed: int,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """`python -m specfed.server` against `workers` (weights 1/2 each, fp32, one thread),
+    records into `out`; returns the finished process."""
+    return subprocess.run(
+        [
+            sys.executable, "-m", "specfed.server",
+            "--draft", draft,
+            "--workers", ",".join(f"127.0.0.1:{w.port}" for w in workers),
+            "--weights", ",".join(["0.5"] * len(workers)),
+            "--points-file", str(points_file),
+            "--prompts", prompts,
+            "--max-new-tokens", str(max_new_tokens),
+            "--seed", str(seed),
+            "--dtype", "fp32", "--threads", "1",
+            "--out", str(out), "--quiet",
+            *extra,
+        ],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a records CSV as dicts of strings."""
+    import csv
+
+    with path.open() as fh:
+        return list(csv.DictReader(fh))

@@ -6,7 +6,6 @@ content-only policies (timing-dependent ones refused)."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from specfed.options import Mode
 from specfed.points import Point, write_points
 from specfed.policies import LinkEstimate, k_for_budget
 from specfed.record import RecordSpec, record_points
-from tests.procs import WorkerProc
+from tests.procs import WorkerProc, read_rows, run_server
 
 DRAFT, W1, W2 = "tiny-v512-s1", "tiny-v512-s2", "tiny-v512-s3"
 SEED, N_TOKENS, DELAY_MS = 3, 16, 250
@@ -53,28 +52,13 @@ POINTS = [
 def _server(workers, out: Path, points, *extra: str) -> subprocess.CompletedProcess[str]:
     pf = out.parent / f"{out.name}-points.json"
     write_points(pf, points)
-    return subprocess.run(
-        [
-            sys.executable, "-m", "specfed.server",
-            "--draft", DRAFT,
-            "--workers", ",".join(f"127.0.0.1:{w.port}" for w in workers),
-            "--weights", "0.5,0.5",
-            "--points-file", str(pf),
-            "--prompts", "ids:1,2,3,4",
-            "--max-new-tokens", str(N_TOKENS),
-            "--seed", str(SEED),
-            "--dtype", "fp32", "--threads", "1",
-            "--out", str(out), "--quiet",
-            *extra,
-        ],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    return run_server(
+        workers, out, draft=DRAFT, points_file=pf, prompts="ids:1,2,3,4",
+        max_new_tokens=N_TOKENS, seed=SEED, extra=extra,
     )  # fmt: skip
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
-        return list(csv.DictReader(fh))
+_rows = read_rows
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,8 @@ corrupted or mismatched trace is a clear error."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from specfed.options import Mode
 from specfed.points import Point, write_points
 from specfed.record import RecordSpec, record_points
 from specfed.trace import Trace, TraceError
-from tests.procs import WorkerProc
+from tests.procs import WorkerProc, read_rows, run_server
 
 DRAFT, W1, W2 = "tiny-v512-s1", "tiny-v512-s2", "tiny-v512-s3"
 SPEC = RecordSpec(
@@ -51,28 +48,13 @@ def traces(tmp_path_factory):
 def _server(workers, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     points = out.parent / f"{out.name}-points.json"
     write_points(points, POINTS)
-    return subprocess.run(
-        [
-            sys.executable, "-m", "specfed.server",
-            "--draft", DRAFT,
-            "--workers", ",".join(f"127.0.0.1:{w.port}" for w in workers),
-            "--weights", "0.5,0.5",
-            "--points-file", str(points),
-            "--prompts", SPEC.prompts,
-            "--max-new-tokens", str(SPEC.max_new_tokens),
-            "--seed", str(SPEC.seed),
-            "--dtype", "fp32", "--threads", "1",
-            "--out", str(out), "--quiet",
-            *extra,
-        ],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    return run_server(
+        workers, out, draft=DRAFT, points_file=points, prompts=SPEC.prompts,
+        max_new_tokens=SPEC.max_new_tokens, seed=SPEC.seed, extra=extra,
     )  # fmt: skip
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
-        return list(csv.DictReader(fh))
+_rows = read_rows
 
 
 @pytest.fixture(scope="module")
