@@ -123,6 +123,10 @@ def calibrated_estimates(calibration: Sequence[dict[str, Any]]) -> dict[str, Lin
     return out
 
 
+#: The compute columns of a role: `<role>_profile`, `<role>_speed`.
+COMPUTE_TAGS = ("profile", "speed")
+
+
 def _compute_tags(compute: dict[str, Any], roles: Sequence[str]) -> dict[str, Any]:
     """Constant columns naming each role's compute: `draft_profile`, `draft_speed`,
     `w1_profile`, ... ("live" everywhere for a live group)."""
@@ -132,6 +136,26 @@ def _compute_tags(compute: dict[str, Any], roles: Sequence[str]) -> dict[str, An
         out[f"{role}_profile"] = rc.profile if rc is not None else "live"
         out[f"{role}_speed"] = rc.speed if rc is not None else 1.0
     return out
+
+
+def tag_columns(points: Sequence[ScenarioPoint], swept: Sequence[str]) -> list[str]:
+    """Every constant column any network group of a run writes: the parameters of every
+    link of any group's topology, the swept paths, each role's compute. Each group writes
+    all of them (empty where its network has no such link or role), so a run whose groups
+    differ in topology (N = 2 then N = 32) keeps one header per table."""
+    from types import SimpleNamespace
+
+    from testbed.scenario.paths import configured_specs
+
+    cols: dict[str, None] = {}
+    for group in group_points(points):
+        p = group[0]
+        workers = list(p.scenario.spec.models.workers)
+        planned = SimpleNamespace(links=configured_specs(p.scenario), backend="")
+        cols.update(dict.fromkeys(_link_tags(planned, workers)))
+        cols.update(dict.fromkeys(_swept_tags(p, swept)))
+        cols.update(dict.fromkeys(f"{r}_{x}" for r in ("draft", *workers) for x in COMPUTE_TAGS))
+    return list(cols)
 
 
 def _swept_tags(point: ScenarioPoint, swept: Sequence[str]) -> dict[str, Any]:
@@ -264,6 +288,7 @@ def run_group(
     force: bool,
     swept: Sequence[str],
     on_progress: Callable[[int], None],
+    columns: Sequence[str] = (),
 ) -> None:
     """Build the net for one group of points, run them, tear down (always)."""
     from testbed.calibrate import calibrate_pair
@@ -352,6 +377,7 @@ def run_group(
             requests = [r.with_links(estimates) for r in requests]
         write_points(points_file, requests)
         tags = {
+            **dict.fromkeys(columns or (), ""),  # one header for every group of the run
             **_link_tags(emu, workers),
             **_swept_tags(group[0], swept),
             **_compute_tags(compute, ["draft", *workers]),
@@ -528,6 +554,7 @@ def _execute(
     points, all_points = todo, points
     groups = group_points(points)
     swept = list(dict.fromkeys(path for p in all_points for path in p.values))
+    columns = tag_columns(all_points, swept)
     n_prompts = _prompt_count(scenario)
     total = len(points) * n_prompts
     ok = True
@@ -551,6 +578,7 @@ def _execute(
                         force=force,
                         swept=swept,
                         on_progress=on_progress,
+                        columns=columns,
                     )
                 except RunError as exc:
                     ok = False

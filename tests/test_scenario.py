@@ -317,3 +317,26 @@ def test_cli_list_shows_runs(tmp_path, capsys):
     assert cli.main(["list", "--out", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     assert "demo" in out and "abcdef12+dirty" in out and " ok " in out and " 2 " in out
+
+
+def test_one_header_for_groups_of_different_sizes():
+    """A sweep over the number of workers writes every group's rows under one header: the
+    runner's columns cover each group's links and roles (scenarios/scale.yaml: N = 2..32)."""
+    from types import SimpleNamespace
+
+    from testbed.runner import _compute_tags, _link_tags, tag_columns
+    from testbed.scenario import expand, load_scenario
+    from testbed.scenario.paths import configured_specs
+
+    sc = load_scenario(Path(__file__).parent.parent / "scenarios" / "scale.yaml")
+    points = expand(sc)
+    swept = list(dict.fromkeys(path for p in points for path in p.values))
+    cols = tag_columns(points, swept)
+    assert len(cols) == len(set(cols))
+    for n in (2, 32):
+        p = next(p for p in points if len(p.scenario.spec.models.workers) == n)
+        workers = list(p.scenario.spec.models.workers)
+        net = SimpleNamespace(links=configured_specs(p.scenario), backend="tap")
+        own = {**_link_tags(net, workers), **_compute_tags({}, ["draft", *workers])}
+        assert set(own) <= set(cols)
+    assert "w32_up_bw_mbit" in cols and "w32_profile" in cols

@@ -18,7 +18,7 @@ from specfed.policies import GOODPUT_PER_RATE, LinkEstimate
 from testbed.linkparams import LinkSpec, path_specs
 from testbed.scenario.sweep import Scenario
 
-__all__ = ["configured_estimates", "path_estimate"]
+__all__ = ["configured_estimates", "configured_specs", "path_estimate"]
 
 SERVER = "srv"
 
@@ -39,9 +39,9 @@ def path_estimate(
     return LinkEstimate(up_mbit=up, rtt_ms=rtt, source="configured")
 
 
-def configured_estimates(scenario: Scenario) -> dict[str, LinkEstimate]:
-    """Worker host -> its configured path estimate to the server (builds the topology
-    object, no network: no root needed)."""
+def configured_specs(scenario: Scenario) -> dict[tuple[str, str], LinkSpec]:
+    """Every link of the scenario's topology with the spec the real net gives it, oriented
+    as the net builds it (builds the topology object, no network: no root needed)."""
     from testbed.linkemu.net import _resolve_specs
     from testbed.scenario.check import build_topology
     from testbed.scenario.links import link_specs
@@ -49,5 +49,10 @@ def configured_estimates(scenario: Scenario) -> dict[str, LinkEstimate]:
     sc = scenario.spec
     topo = build_topology(scenario)
     default, per = link_specs(sc.links, topo.hosts(), topo.links(), sc.topology.name)
-    specs = _resolve_specs(topo, per, default)  # the specs the real net gets, oriented
-    return {w: path_estimate(specs, w) for w in sc.models.workers}
+    return dict(_resolve_specs(topo, per, default))
+
+
+def configured_estimates(scenario: Scenario) -> dict[str, LinkEstimate]:
+    """Worker host -> its configured path estimate to the server (no root needed)."""
+    specs = configured_specs(scenario)
+    return {w: path_estimate(specs, w) for w in scenario.spec.models.workers}
