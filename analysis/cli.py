@@ -18,7 +18,6 @@ import importlib
 import sys
 import traceback
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 from analysis.runs import NotARunFolder
@@ -61,21 +60,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults in the help text, descriptions as written."""
 
 
-def version() -> str:
-    """The installed package's version (specfed-testbed), or 'unknown'."""
-    try:
-        return metadata.version("specfed-testbed")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="analysis", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
     )
-    ap.add_argument(
-        "--version", action="version", version=f"%(prog)s {version()} (specfed-testbed)"
-    )
+    add_version(ap)
     sub = ap.add_subparsers(dest="command", metavar="{report,compare,paper}", required=True)
     rep = sub.add_parser(
         "report",

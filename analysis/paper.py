@@ -77,6 +77,8 @@ def draw(run_dir: Path) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m analysis.paper",
         description=(
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a study run folder")
     return ap
 

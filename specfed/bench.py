@@ -1000,11 +1000,14 @@ def _add_profile_parser(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     sub = ap.add_subparsers(dest="which", required=True)
     r = sub.add_parser("round", help="server cost per round, worker encode cost")
     r.add_argument("--reps", type=int, default=30)

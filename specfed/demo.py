@@ -31,11 +31,14 @@ from specfed.reconstruct import RECONSTRUCTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument(
         "--draft",
         default="qwen2.5-coder-0.5b",

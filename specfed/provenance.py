@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "HelpFormatter", "git_state", "version_text", "versions"]
+__all__ = ["REPO", "HelpFormatter", "add_version", "git_state", "version_text", "versions"]
 
 REPO = Path(__file__).resolve().parents[1]
 """The project's checkout (the folder holding specfed/, testbed/, ...)."""
@@ -76,6 +76,23 @@ def version_text(prog: str) -> str:
     git = git_state()
     dirty = "+dirty" if git["dirty"] else ""
     return f"{prog} (specfed-testbed {version}, git {git['short']}{dirty})"
+
+
+class _Version(argparse.Action):
+    """`--version`: print version_text (git is asked only when the option is given)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text(parser.prog))
+        parser.exit()
+
+
+def add_version(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give a command `--version` (the project's version and git state)."""
+    ap.add_argument("--version", action=_Version)
+    return ap
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -389,11 +389,14 @@ def _workers(text: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.record",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument("--draft", required=True, help="draft model (as for specfed.server)")
     ap.add_argument("--workers", required=True, help="NAME=MODEL[,NAME=MODEL...]")
     ap.add_argument("--weights", default=None, help="w_i, comma-separated, sum 1")

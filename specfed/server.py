@@ -130,11 +130,14 @@ def points_from_args(args: argparse.Namespace) -> list[Point]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.server",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument(
         "--draft",
         required=True,

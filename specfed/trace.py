@@ -291,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.trace",
         description="List the trace cache, or describe traces (point, requests, sizes).",
     )
+    add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="every trace in the cache ($SPECFED_CACHE/traces)")
     info = sub.add_parser("info", help="one JSON object per trace")

@@ -241,11 +241,14 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m testbed.emubench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fidelity", help="live vs replay with profiles fitted from the live run")
     f.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "demo.yaml")

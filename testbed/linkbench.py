@@ -155,7 +155,12 @@ def setup_teardown(n_workers: int, repeats: int) -> list[dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON on stdout (progress on stderr)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from specfed.provenance import add_version
+
+    ap = argparse.ArgumentParser(
+        prog="python -m testbed.linkbench", description=__doc__.split("\n")[0]
+    )
+    add_version(ap)
     ap.add_argument("--seconds", type=float, default=3.0, help="goodput seconds per direction")
     ap.add_argument("--pings", type=int, default=100, help="RTT probes per link")
     ap.add_argument("--hosts", type=int, default=16, help="workers in the set-up star")

@@ -652,11 +652,14 @@ def _apply_sets(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m testbed.policybench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pareto", help="one point per policy on one setting")
     p.add_argument("--setting", default="demo", choices=["demo", "demo-trace", "star32"])

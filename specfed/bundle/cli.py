@@ -37,6 +37,8 @@ environment ({python}). No model hub is contacted (HF_HUB_OFFLINE=1).
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from specfed.provenance import add_version
+
     parser = argparse.ArgumentParser(
         prog="python -m specfed.bundle",
         description=(
@@ -47,6 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG.format(env=CACHE_ENV, cache=cache_dir(), python=sys.executable),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     prepare = sub.add_parser(
         "prepare",

@@ -201,6 +201,8 @@ def analysis_command(run_dir: Path) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m specfed.study",
         description=(
@@ -223,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument("study", type=Path, help="study file (scenarios/paper_fig23.yaml)")
     ap.add_argument(
         "--out",

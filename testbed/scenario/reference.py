@@ -163,11 +163,14 @@ def json_schema() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specfed.provenance import add_version
+
     ap = argparse.ArgumentParser(
         prog="python -m testbed.scenario.reference",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     ap.add_argument("--check", action="store_true", help="only check that the files are current")
     args = ap.parse_args(argv)
     wanted = {MARKDOWN: reference_markdown(), SCHEMA: json_schema()}
