@@ -205,6 +205,25 @@ def _configs(res: Results, table: pd.DataFrame) -> list[str]:
 # ----------------------------------------------------------------------------- summary
 
 
+#: Markers telling settings apart (one dot per setting on a configuration's row).
+SETTING_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
+
+
+def _setting_offset(j: int, n: int) -> float:
+    """Vertical offset of setting j of n on a configuration's row (rows are 1 apart)."""
+    return -0.35 + 0.7 / max(1, n) * (j + 0.5)
+
+
+def _config_axis(ax: Any, names: list[str], values: pd.Series) -> None:
+    """Configurations as rows, top to bottom; a log x axis where the values span decades."""
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize="small")
+    ax.invert_yaxis()
+    if _wide(values):
+        ax.set_xscale("log")
+        _plain_log(ax, "x")
+
+
 def summary(res: Results, table: pd.DataFrame, path: Path) -> Path:
     """Per configuration and setting: ms per token and up bytes per token, 95 % intervals,
     one dot per setting (never pooled over settings)."""
@@ -215,7 +234,6 @@ def summary(res: Results, table: pd.DataFrame, path: Path) -> Path:
     names = _configs(res, table)
     settings = list(dict.fromkeys(table["setting"]))
     palette = sns.color_palette("colorblind", max(1, len(settings)))
-    markers = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h"]
     fig, axs = plt.subplots(
         1, 2, figsize=(13, 0.42 * len(names) * max(1, len(settings)) ** 0.5 + 2.2)
     )
@@ -223,24 +241,18 @@ def summary(res: Results, table: pd.DataFrame, path: Path) -> Path:
     for ax, (metric, xlabel) in zip(axs, metrics, strict=True):
         t = table[table["metric"] == metric]
         ys = {c: i for i, c in enumerate(names)}
-        width = 0.7 / max(1, len(settings))
         for j, s in enumerate(settings):
             d = t[t["setting"] == s]
-            y = np.array([ys[c] for c in d["config"]]) - 0.35 + width * (j + 0.5)
+            y = np.array([ys[c] for c in d["config"]]) + _setting_offset(j, len(settings))
             m = d["mean"].to_numpy(dtype=float)
             lo, hi = d["ci_low"].to_numpy(dtype=float), d["ci_high"].to_numpy(dtype=float)
             missing |= bool(np.isnan(lo).any())
             ax.errorbar(
                 m, y, xerr=np.vstack([np.nan_to_num(m - lo), np.nan_to_num(hi - m)]),
-                ls="none", marker=markers[j % len(markers)], color=palette[j], capsize=2.5,
-                markersize=6, label=s if s != "-" else "all runs",
+                ls="none", marker=SETTING_MARKERS[j % len(SETTING_MARKERS)], color=palette[j],
+                capsize=2.5, markersize=6, label=s if s != "-" else "all runs",
             )  # fmt: skip
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize="small")
-        ax.invert_yaxis()
-        if _wide(t["mean"]):
-            ax.set_xscale("log")
-            _plain_log(ax, "x")
+        _config_axis(ax, names, t["mean"])
         ax.set_xlabel(xlabel + (" (log)" if _wide(t["mean"]) else "") + " — lower is better")
     axs[0].set_title("Latency per generated token\nmean and 95 % CI over repetitions")
     axs[1].set_title("Upstream bytes per generated token\n(worker → server, all workers)")
@@ -326,10 +338,6 @@ def speedup_vs(res: Results, table: pd.DataFrame, axis: Axis, path: Path) -> Pat
     )  # fmt: skip
 
 
-#: Markers telling settings apart where colour already names the configuration.
-SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-
-
 def speedup_dots(res: Results, table: pd.DataFrame, path: Path) -> Path:
     """Paired speedup per configuration when no link parameter varies: one panel per
     baseline, one dot per setting."""
@@ -348,7 +356,7 @@ def speedup_dots(res: Results, table: pd.DataFrame, path: Path) -> Path:
                 ds = d[d["setting"] == setting] if "setting" in d else d
                 if ds.empty:
                     continue
-                off = (j - (len(settings) - 1) / 2) * 0.3 if len(settings) > 1 else 0.0
+                off = _setting_offset(j, len(settings))
                 y = np.full(len(ds), ys[str(cfg)] + off, dtype=float)
                 m = ds["mean"].to_numpy(dtype=float)
                 err = np.vstack([np.nan_to_num(m - ds["ci_low"]), np.nan_to_num(ds["ci_high"] - m)])
@@ -361,12 +369,7 @@ def speedup_dots(res: Results, table: pd.DataFrame, path: Path) -> Path:
                         marker=SETTING_MARKERS[j % len(SETTING_MARKERS)])  # fmt: skip
             ax.legend(title="setting", fontsize="small", loc="best")
         ax.axvline(1.0, color="black", lw=0.9, ls="--")
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize="small")
-        ax.invert_yaxis()
-        if _wide(t["mean"]):
-            ax.set_xscale("log")
-            _plain_log(ax, "x")
+        _config_axis(ax, names, t["mean"])
         ax.set_xlabel(f"speedup over {b} (×; > 1 = faster)")
         ax.set_title(f"Paired speedup over {b}, geometric mean ± 95 % CI")
     fig.tight_layout()
