@@ -69,6 +69,7 @@ __all__ = [
     "fit_with_holdout",
     "load_profile",
     "profile_from_rounds",
+    "role_profiles_from_rounds",
     "rounds_samples",
     "save_profile",
     "shipped_profiles",
@@ -578,6 +579,26 @@ def default_name(model: str, dtype: str, threads: int, cores: int) -> str:
     its base name)."""
     base = Path(model.rstrip("/")).name or model
     return re.sub(r"[^A-Za-z0-9._-]", "_", f"cpu{cores}-{base}-{dtype}-t{threads}")
+
+
+def role_profiles_from_rounds(
+    rounds: pd.DataFrame, models: Mapping[str, Any], out_dir: Path, notes: str
+) -> dict[str, str]:
+    """One profile per role (draft, each worker host) fitted from a run's rounds, saved as
+    `out_dir/<role>.json`; `models` is a scenario's models block. Role -> file."""
+    import sys
+
+    dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
+    prov = make_provenance(sys.argv, notes=notes)
+    files: dict[str, str] = {}
+    for role, model in {"draft": models["draft"], **models["workers"]}.items():
+        prof = profile_from_rounds(
+            rounds, role, model=model, dtype=dtype, threads=threads,
+            vocab_size=int(rounds.vocab_size.iloc[0]), provenance=prov,
+            name=f"fit-{role}-{model}",
+        )  # fmt: skip
+        files[role] = str(save_profile(prof, out_dir / f"{role}.json"))
+    return files
 
 
 def make_provenance(command: Sequence[str] | str, notes: str = "") -> Provenance:

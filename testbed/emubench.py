@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ def _per_config(requests: pd.DataFrame) -> pd.DataFrame:
 
 
 def fidelity(args: argparse.Namespace) -> dict[str, Any]:
-    from specfed.profile import make_provenance, profile_from_rounds, save_profile
+    from specfed.profile import role_profiles_from_rounds
 
     raw = _without_compute_sweep(load_yaml(args.scenario))
     t0 = time.monotonic()
@@ -159,18 +158,9 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     t_live = time.monotonic() - t0
     rounds = pd.read_csv(live_dir / "rounds.csv")
     rounds = rounds[rounds.compute_mode == "live"]
-    models = raw["models"]
-    dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
-    prov = make_provenance(sys.argv, notes=f"fitted from the live run {live_dir}")
-    files = {}
-    roles = {"draft": models["draft"], **models["workers"]}
-    for role, model in roles.items():
-        prof = profile_from_rounds(
-            rounds, role, model=model, dtype=dtype, threads=threads,
-            vocab_size=int(rounds.vocab_size.iloc[0]), provenance=prov,
-            name=f"fit-{role}-{model}",
-        )  # fmt: skip
-        files[role] = str(save_profile(prof, live_dir / "fitted-profiles" / f"{role}.json"))
+    files = role_profiles_from_rounds(
+        rounds, raw["models"], live_dir / "fitted-profiles", f"fitted from the live run {live_dir}"
+    )
     t1 = time.monotonic()
     replay_dir = _run(
         {**raw, "compute": {"mode": "replay", "profiles": files}}, "emubench-replay", args.out

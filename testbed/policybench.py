@@ -223,21 +223,11 @@ def fit_profiles(run_dir: Path, raw: dict[str, Any], out: Path) -> dict[str, str
     """A device profile per role (draft, each worker host) fitted from a run's rounds:
     every point then waits the same cost model (a point's recorded times differ by the noise
     of the moment it was recorded). Roles missing from the run fall back to `default`."""
-    from specfed.profile import make_provenance, profile_from_rounds, save_profile
+    from specfed.profile import role_profiles_from_rounds
 
     rounds = pd.read_csv(run_dir / "rounds.csv", low_memory=False)
-    models = raw["models"]
-    dtype, threads = models.get("dtype", "bf16"), models.get("threads", 1)
-    prov = make_provenance(sys.argv, notes=f"fitted from the run {run_dir} (its contention)")
-    files: dict[str, str] = {}
-    for role, model in {"draft": models["draft"], **models["workers"]}.items():
-        prof = profile_from_rounds(
-            rounds, role, model=model, dtype=dtype, threads=threads,
-            vocab_size=int(rounds.vocab_size.iloc[0]), provenance=prov,
-            name=f"fit-{role}-{model}",
-        )  # fmt: skip
-        files[role] = str(save_profile(prof, out / "fitted-profiles" / f"{role}.json"))
-    return files
+    notes = f"fitted from the run {run_dir} (its contention)"
+    return role_profiles_from_rounds(rounds, raw["models"], out / "fitted-profiles", notes)
 
 
 def _run(raw: dict[str, Any], name: str, out: Path, reps: int, force: bool) -> Path:
