@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +85,8 @@ class RemoteWorker:
         self.model_name = peer.name
         self.vocab_size = peer.vocab_size
         self.fingerprint = peer.fingerprint
+        self._pending: tuple[int, float] | None = None  # (bytes sent, ms) of a sent VERIFY
+        self._call_deadline = math.inf
 
     def _exchange(
         self, kind: MsgType, body: bytes, expect: MsgType, decode: Callable[[bytes], T]
@@ -96,25 +99,66 @@ class RemoteWorker:
         """
         try:
             t0 = time.perf_counter()
+            deadline = time.monotonic() + self.round_timeout_s
             n_down = self.conn.send(kind, body)
             t_send_ms = (time.perf_counter() - t0) * 1e3
-            got, reply, n_up = self.conn.recv(time.monotonic() + self.round_timeout_s)
+        except OSError as exc:
+            self.close()
+            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
+        decoded, n_up = self._read(expect, decode, deadline)
+        return decoded, n_down, n_up, t_send_ms
+
+    def _read(
+        self, expect: MsgType, decode: Callable[[bytes], T], deadline: float
+    ) -> tuple[T, int]:
+        """Read and decode one reply of type `expect` by `deadline` (time.monotonic());
+        returns (decoded, frame bytes). Any failure closes the connection (WorkerLost)."""
+        try:
+            got, reply, n_up = self.conn.recv(deadline)
             if got == MsgType.ERROR:
                 code, msg = wire.decode_error(reply)
                 raise WireError(f"worker error {code}: {msg}")
             if got != expect:
                 raise WireError(f"expected {expect.name}, got {got.name}")
-            return decode(reply), n_down, n_up, t_send_ms
+            return decode(reply), n_up
         except (OSError, WireError) as exc:  # OSError includes timeouts and resets
             self.close()
             raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     def verify(self, request: VerifyRequest) -> VerifyReply:
         """One VERIFY exchange; bytes_up/bytes_down are whole frames as sent and received."""
-        reply, n_down, n_up, t_send_ms = self._exchange(
-            MsgType.VERIFY, wire.encode_verify(request), MsgType.VERIFY_REPLY, wire.decode_reply
-        )
+        self.send_verify(request)
+        return self.read_verify()
+
+    # The two halves of verify (engine.SplitCall): a server waiting for several workers
+    # sends every request, then reads each reply when its socket is readable.
+
+    def send_verify(self, request: VerifyRequest) -> None:
+        """Send a VERIFY request; `read_verify` reads its reply."""
+        try:
+            t0 = time.perf_counter()
+            self._call_deadline = time.monotonic() + self.round_timeout_s
+            n_down = self.conn.send(MsgType.VERIFY, wire.encode_verify(request))
+            self._pending = (n_down, (time.perf_counter() - t0) * 1e3)
+        except OSError as exc:
+            self.close()
+            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
+
+    def read_verify(self) -> VerifyReply:
+        """The reply to the request sent last (blocks until it is whole)."""
+        if self._pending is None:
+            raise RuntimeError("read_verify without a request sent")
+        (n_down, t_send_ms), self._pending = self._pending, None
+        reply, n_up = self._read(MsgType.VERIFY_REPLY, wire.decode_reply, self._call_deadline)
         return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
+
+    @property
+    def call_deadline(self) -> float:
+        """time.monotonic() by which the pending reply must be read (round_timeout_s)."""
+        return self._call_deadline
+
+    def fileno(self) -> int:
+        return self.conn.sock.fileno()
 
     def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:
         """p_i(x_t) of the generated tokens, from the worker (a SCORE exchange)."""

@@ -185,6 +185,9 @@ class VerifyReply:
         bytes_up: bytes the reply took on the wire (payload alone in process; frames on TCP).
         bytes_down: bytes the request took on the wire.
         t_send_ms: time the server spent writing the request (0 in process).
+        not_before: worker side only, never on the wire: the time.perf_counter() before
+            which the reply must not leave (replay: the end of the emulated compute; 0: at
+            once). The worker frames the reply first, then waits, then sends.
     """
 
     payload: bytes
@@ -197,6 +200,7 @@ class VerifyReply:
     bytes_up: int = 0
     bytes_down: int = 0
     t_send_ms: float = 0.0
+    not_before: float = 0.0
 
 
 class BadReply(ValueError):

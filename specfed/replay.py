@@ -42,6 +42,7 @@ __all__ = [
     "ReplayProposer",
     "ReplayWorker",
     "compute_times",
+    "precise_timers",
     "wait_until",
 ]
 
@@ -105,12 +106,42 @@ def compute_times(spec: str, speed: float = 1.0) -> ComputeTimes:
     return ProfileTimes(load_profile(spec), speed)
 
 
+def precise_timers() -> bool:
+    """Wake from sleeps on time in this thread and the threads it starts later: Linux lets a
+    sleep overshoot by the thread's timer slack (50 us by default) to batch wake-ups; an
+    emulated compute wait wants 1 ns. Returns False where that cannot be set (not Linux)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        return int(libc.prctl(29, 1, 0, 0, 0)) == 0  # PR_SET_TIMERSLACK, 1 ns
+    except (OSError, AttributeError):
+        return False
+
+
+class _Lateness:
+    """How late this process's sleeps wake, on average (s): an EWMA over the last ~20."""
+
+    mean = 0.0
+    CAP = 1e-3  # one wake-up delayed by a busy host must not pull every later one early
+
+
 def wait_until(deadline: float) -> None:
-    """Sleep until time.perf_counter() reaches `deadline` (no busy wait: dozens of replay
-    processes share a few cores)."""
-    left = deadline - time.perf_counter()
-    if left > 0:
-        time.sleep(left)
+    """Sleep until time.perf_counter() reaches `deadline`, waking early by the mean lateness
+    of this process's earlier sleeps (as the link forwarder does), so emulated compute is
+    on time on average: a sleep on a virtual CPU wakes ~0.1-0.2 ms late. No busy wait:
+    dozens of replay processes share a few cores."""
+    wake = deadline - _Lateness.mean
+    left = wake - time.perf_counter()
+    if left <= 0:
+        return
+    time.sleep(left)
+    late = time.perf_counter() - wake  # how late this wake-up came
+    _Lateness.mean += 0.05 * (min(late, _Lateness.CAP) - _Lateness.mean)
 
 
 class ReplayProposer:
@@ -179,8 +210,12 @@ class ReplayProposer:
 class ReplayWorker:
     """A worker's model, replayed from traces: the backend of `specfed.worker --replay`.
 
-    Answers VERIFY and SCORE with the recorded bytes of its model's stream, after waiting
-    the emulated compute time from when the request arrived."""
+    Answers VERIFY and SCORE with the recorded bytes of its model's stream. A VERIFY reply
+    comes back at once with `not_before` = the end of the emulated compute, counted from
+    `arrived` (time.perf_counter() when the request's frame was read), so decoding the
+    request and finding its reply are part of the emulated compute, as they are part of a
+    real device's; the worker service frames the reply, waits until `not_before`, then
+    sends it (after the wait only a send is left)."""
 
     def __init__(self, name: str, traces: TraceSet, stream: str, times: ComputeTimes) -> None:
         streams = traces.traces[0].meta.get("streams", {})
@@ -199,8 +234,8 @@ class ReplayWorker:
         self.max_context = int(info["max_context"])
         self.held: dict[str, list[int]] = {}
 
-    def verify(self, request: VerifyRequest) -> VerifyReply:
-        t0 = time.perf_counter()
+    def verify(self, request: VerifyRequest, arrived: float | None = None) -> VerifyReply:
+        t0 = time.perf_counter() if arrived is None else arrived
         content = request_content(request, self.held.get(request.request_id, []))
         key = verify_key(
             content, request.n_positions, request.temperature, request.transmission,
@@ -219,7 +254,6 @@ class ReplayWorker:
             len(request.tokens), len(content), request.n_positions, float(info["t_ms"])
         )
         payload = trace.read(name)
-        wait_until(t0 + emulated / 1e3)
         l1 = info.get("local_l1")
         return VerifyReply(
             payload,
@@ -230,6 +264,7 @@ class ReplayWorker:
             t_recorded_ms=float(info["t_ms"]),
             bytes_up=len(payload),
             bytes_down=4 * len(request.tokens),
+            not_before=t0 + emulated / 1e3,
         )
 
     def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray:

@@ -13,8 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+
+class Target(Protocol):
+    """p_hat given position by position (specfed.reconstruct.Aggregate): acceptance reads
+    one entry per drafted token and one whole row, never all P x V."""
+
+    def entry(self, j: int, x: int) -> np.float32: ...
+
+    def row(self, j: int) -> np.ndarray: ...
+
 
 _BLOCK = 1024  # entries per block of the two-level inverse CDF
 
@@ -69,10 +80,23 @@ class RoundUniforms:
         return cls(draft=u[:gamma], accept=u[gamma : 2 * gamma], final=float(u[-1]))
 
 
+@dataclass(frozen=True)
+class _Dense:
+    """A dense [P, V] p_hat as a Target."""
+
+    p: np.ndarray
+
+    def entry(self, j: int, x: int) -> np.float32:
+        return self.p[j, x]  # as stored (float32 or float64)
+
+    def row(self, j: int) -> np.ndarray:
+        return self.p[j]
+
+
 def speculative_accept(
     drafts: Sequence[int],
     q: np.ndarray,
-    p_hat: np.ndarray,
+    p_hat: np.ndarray | Target,
     uniforms: RoundUniforms,
     greedy: bool = False,
 ) -> tuple[int, int]:
@@ -81,7 +105,8 @@ def speculative_accept(
     Args:
         drafts: x_1..x_gamma.
         q: [gamma, V] draft distributions.
-        p_hat: [gamma + 1, V] aggregated target distributions.
+        p_hat: [gamma + 1, V] aggregated target distributions, or a `Target` giving them
+            entry by entry and row by row (the same draws give the same result).
         uniforms: this round's draws.
         greedy: T = 0; accept x_j iff it is argmax p_hat^(j), emit argmax at the first
             mismatch or at the bonus position (speculative sampling with one-hot p, q).
@@ -91,17 +116,21 @@ def speculative_accept(
     from p_hat^(gamma+1). The emitted tokens are drafts[:n_accepted] + [next_token].
     """
     gamma = len(drafts)
+    target: Target = _Dense(p_hat) if isinstance(p_hat, np.ndarray) else p_hat
+    row, entry = target.row, target.entry
     for j, x in enumerate(drafts):
         if greedy:
-            if int(p_hat[j].argmax()) != x:
-                return j, int(p_hat[j].argmax())
+            best = int(row(j).argmax())
+            if best != x:
+                return j, best
             continue
         # u < p/q written without division; q(x) > 0 since x was drawn from q.
-        if uniforms.accept[j] * q[j, x] < p_hat[j, x]:
+        if uniforms.accept[j] * q[j, x] < entry(j, x):
             continue
-        residual = np.maximum(p_hat[j] - q[j], 0.0)
+        p_j = row(j)
+        residual = np.maximum(p_j - q[j], 0.0)
         if residual.sum() <= 0.0:  # p_hat == q up to rounding: any sample from p_hat is exact
-            residual = p_hat[j]
+            residual = p_j
         return j, sample_index(residual, uniforms.final)
-    bonus = p_hat[gamma]
+    bonus = row(gamma)
     return gamma, int(bonus.argmax()) if greedy else sample_index(bonus, uniforms.final)

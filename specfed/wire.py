@@ -471,7 +471,10 @@ class Connection:
 
     def send(self, msg_type: MsgType, body: bytes) -> int:
         """Send one frame; return its size in bytes."""
-        data = frame(msg_type, body)
+        return self.send_frame(frame(msg_type, body))
+
+    def send_frame(self, data: bytes) -> int:
+        """Send a frame built by `frame` (framed ahead of time); return its size in bytes."""
         self.sock.sendall(data)
         self.bytes_sent += len(data)
         return len(data)

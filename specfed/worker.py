@@ -41,6 +41,7 @@ import numpy as np
 
 from specfed import wire
 from specfed.messages import VerifyReply, VerifyRequest
+from specfed.replay import wait_until
 from specfed.wire import Connection, ErrorCode, MsgType, WireError, parse_addr, read_token
 
 log = logging.getLogger("specfed.worker")
@@ -55,7 +56,10 @@ class Backend(Protocol):
     fingerprint: str
     max_context: int
 
-    def verify(self, request: VerifyRequest) -> VerifyReply: ...
+    def verify(self, request: VerifyRequest, arrived: float | None = None) -> VerifyReply:
+        """Answer one request; `arrived` is time.perf_counter() when its frame was read (a
+        replay starts its emulated compute there; a live model times its own)."""
+        ...
 
     def score(self, sequence: Sequence[int], n_context: int, temperature: float) -> np.ndarray: ...
 
@@ -179,6 +183,7 @@ class WorkerService:
         me = self.worker
         while True:
             kind, body, _ = conn.recv(frame_timeout_s=self.frame_timeout_s)
+            arrived = time.perf_counter()
             if kind == MsgType.VERIFY:
                 req = wire.decode_verify(body, me.vocab_size)
                 self._check_fits(req.start, len(req.tokens), "VERIFY")
@@ -190,13 +195,21 @@ class WorkerService:
                         log.warning("--exit-after %d reached: exiting now", self.exit_after)
                         os._exit(3)  # a crash, for failure experiments: no goodbye
                     try:
-                        reply = replace(me.verify(_rekey(req, key)), request_id=req.request_id)
+                        reply = replace(
+                            me.verify(_rekey(req, key), arrived), request_id=req.request_id
+                        )
                     except (ValueError, RuntimeError) as exc:  # ModelError, TraceMismatch
                         raise RequestError(str(exc)) from exc
-                if self.delay_ms > 0:
-                    time.sleep(self.delay_ms / 1e3)
-                    reply = replace(reply, t_worker_ms=reply.t_worker_ms + self.delay_ms)
-                conn.send(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
+                    if self.delay_ms > 0:
+                        reply = replace(
+                            reply,
+                            t_worker_ms=reply.t_worker_ms + self.delay_ms,
+                            not_before=max(reply.not_before, time.perf_counter())
+                            + self.delay_ms / 1e3,
+                        )
+                    data = wire.frame(MsgType.VERIFY_REPLY, wire.encode_reply(reply))
+                    wait_until(reply.not_before)  # replay: the end of the emulated compute
+                conn.send_frame(data)
             elif kind == MsgType.SCORE:
                 rid, seq, n_ctx, temp = wire.decode_score(body, me.vocab_size)
                 self._check_fits(0, len(seq), "SCORE")
@@ -234,8 +247,10 @@ def _live_backend(args: argparse.Namespace) -> Backend:
 
 def _replay_backend(args: argparse.Namespace) -> Backend:
     """The model's recorded replies (no torch: a light process)."""
-    from specfed.replay import ReplayWorker, compute_times
+    from specfed.replay import ReplayWorker, compute_times, precise_timers
     from specfed.trace import TraceSet
+
+    precise_timers()  # before the connection threads start: they inherit it
 
     return ReplayWorker(
         args.model, TraceSet.open(args.replay), args.model, compute_times(args.compute, args.speed)

@@ -44,8 +44,8 @@ class Corrupting(LocalWorker):
         self.mutate, self.at = mutate, at
         self.first: VerifyReply | None = None
 
-    def verify(self, request: VerifyRequest) -> VerifyReply:
-        reply = super().verify(request)
+    def verify(self, request: VerifyRequest, arrived: float | None = None) -> VerifyReply:
+        reply = super().verify(request, arrived)
         if request.round == 0:
             self.first = reply
         return self.mutate(request, reply, self) if request.round == self.at else reply

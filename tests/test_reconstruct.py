@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from specfed.codecs import AdaptiveTopKCodec, FullCodec, Payload, TopKCodec, decode_any
-from specfed.reconstruct import RECONSTRUCTIONS, aggregate, reconstruct
+from specfed.reconstruct import RECONSTRUCTIONS, Aggregate, aggregate, reconstruct
+from specfed.sampling import RoundUniforms, speculative_accept
 
 
 def sparse(vocab: int, *rows: tuple[list[int], list[float]]) -> Payload:
@@ -161,6 +162,47 @@ def test_aggregate_equals_weighted_sum_of_reconstructions(
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert (got >= 0).all()
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_aggregate_rows_and_entries_are_bit_for_bit_the_dense_values(
+    method: str, mixed: bool, seed: int
+) -> None:
+    """Acceptance reads p_hat by parts (Aggregate.entry / .row): each value must be exactly
+    what the dense array holds, or a replay could diverge from its record."""
+    rng = np.random.default_rng(300 + seed)
+    n_workers, n_pos, vocab = [1, 2, 3, 5, 6, 8][seed], int(rng.integers(1, 6)), 300
+    payloads, w = random_round(rng, n_workers, n_pos, vocab, mixed)
+    n_q = int(rng.integers(0, n_pos + 1))
+    q = softmax_rows(rng, n_q, vocab) if n_q else None
+    if seed == 5:  # a renormalize row with no kept mass, and a K = V row, in the mix
+        payloads[0] = sparse(vocab, *[([1, 2], [0.0, 0.0])] * n_pos)
+        payloads[1] = sparse(vocab, *[(list(range(vocab)), [1.0 / vocab] * vocab)] * n_pos)
+    parts = Aggregate(payloads, w, method, q)
+    dense = parts.dense()
+    np.testing.assert_array_equal(dense, aggregate(payloads, w, method, q))
+    for j in range(n_pos):
+        np.testing.assert_array_equal(parts.row(j), dense[j])
+        kept = [int(i) for pl in payloads if not pl.is_dense for i in pl.indices[j]]
+        for x in {*kept, *rng.integers(0, vocab, 20).tolist()}:  # on S and off it
+            assert parts.entry(j, x) == dense[j, x], (j, x)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_acceptance_by_parts_equals_acceptance_on_the_dense_target(greedy: bool) -> None:
+    rng = np.random.default_rng(11)
+    vocab, gamma = 300, 4
+    for _ in range(40):
+        payloads, w = random_round(rng, 3, gamma + 1, vocab, mixed=bool(rng.integers(2)))
+        q = softmax_rows(rng, gamma, vocab, scale=3.0)
+        drafts = [int(rng.choice(vocab, p=q[j] / q[j].sum())) for j in range(gamma)]
+        u = RoundUniforms.draw(rng, gamma)
+        parts = Aggregate(payloads, w, "residual-mass", q)
+        assert speculative_accept(drafts, q, parts, u, greedy) == speculative_accept(
+            drafts, q, parts.dense(), u, greedy
+        )
 
 
 def test_aggregate_draft_guided_fallback_rows_match_reference() -> None:
