@@ -552,7 +552,7 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
                 ],
             }
             explained = np.sum([np.asarray(v) for v in parts.values()], axis=0)
-            parts["other_thread_handoffs"] = list(np.asarray(overhead) - explained)
+            parts["other_scheduling"] = list(np.asarray(overhead) - explained)
             out[label] = {
                 "rounds": len(rounds),
                 "overhead_ms_median": float(np.median(overhead)),
@@ -589,7 +589,7 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "modes": out,
         "note": "overhead = t_round - t_draft - max_i t_worker_i: framing, loopback "
-        "transfer, decode, reconstruct, aggregate, accept, thread hand-offs",
+        "transfer, decode, reconstruct, aggregate, accept, process scheduling",
     }
 
 

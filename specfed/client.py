@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class RemoteWorker:
     Raises ModelError when the vocabularies differ (either side may notice), WorkerLost when
     the worker cannot be reached, refuses the handshake or breaks the protocol.
     """
+
+    _last_encoded: ClassVar[tuple[VerifyRequest, bytes] | None] = None
+    """The last VERIFY frame built, with its request (kept alive, so `is` is safe)."""
 
     def __init__(
         self,
@@ -134,11 +137,18 @@ class RemoteWorker:
     # sends every request, then reads each reply when its socket is readable.
 
     def send_verify(self, request: VerifyRequest) -> None:
-        """Send a VERIFY request; `read_verify` reads its reply."""
+        """Send a VERIFY request; `read_verify` reads its reply. The same request object
+        sent to several workers (the engine shares one between workers asked the same) is
+        encoded once."""
         try:
             t0 = time.perf_counter()
             self._call_deadline = time.monotonic() + self.round_timeout_s
-            n_down = self.conn.send(MsgType.VERIFY, wire.encode_verify(request))
+            last = RemoteWorker._last_encoded
+            if last is None or last[0] is not request:
+                last = RemoteWorker._last_encoded = (request, wire.frame(
+                    MsgType.VERIFY, wire.encode_verify(request)
+                ))  # fmt: skip
+            n_down = self.conn.send_frame(last[1])
             self._pending = (n_down, (time.perf_counter() - t0) * 1e3)
         except OSError as exc:
             self.close()

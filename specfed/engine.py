@@ -831,20 +831,24 @@ class FederatedGenerator:
                 free = [i for i in active if i not in late]
                 requests = {}
                 estimates = {}
+                made: dict[tuple[int, Transmission], VerifyRequest] = {}
                 for i in free:
                     start = min(common_prefix(seen[i], seq), len(seq) - n_pos)
                     estimates[i] = self.k_policy.estimate(i)
-                    requests[i] = VerifyRequest(
-                        rid,
-                        start,
-                        seq[start:],
-                        n_pos,
-                        self.temperature,
-                        self.k_policy.transmission_for(i, n_pos),
-                        self.reconstruction,
-                        self.measure_fidelity,
-                        round=n_round,
-                    )
+                    tr = self.k_policy.transmission_for(i, n_pos)
+                    if (start, tr) not in made:  # workers asked the same share one request
+                        made[start, tr] = VerifyRequest(
+                            rid,
+                            start,
+                            seq[start:],
+                            n_pos,
+                            self.temperature,
+                            tr,
+                            self.reconstruction,
+                            self.measure_fidelity,
+                            round=n_round,
+                        )
+                    requests[i] = made[start, tr]
                 t_v = time.perf_counter()
                 replies, lost, pending = self._verify_all(requests)
                 inflight = dict(pending)

@@ -145,7 +145,13 @@ class Aggregate:
         dense_terms: list[tuple[np.float32, np.ndarray]] = []
         scatter_idx: list[np.ndarray] = []  # flat indices j * V + v
         scatter_val: list[np.ndarray] = []  # what to add there
-        for wi, pl in zip(w, payloads, strict=True):
+        batch = _same_k_batch(payloads, w, method, draft, n_pos, vocab)
+        if batch is not None:  # every payload top-K with one K: all at once
+            base, touched, values = batch
+            scatter_idx.append(touched)
+            scatter_val.append(values)
+            payloads = []
+        for wi, pl in zip(w, payloads, strict=False):
             if wi == 0.0:
                 continue
             if pl.dense is not None:
@@ -270,6 +276,53 @@ class Aggregate:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _same_k_batch(
+    payloads: Sequence[Payload],
+    w: np.ndarray,
+    method: str,
+    draft: _Draft | None,
+    n_pos: int,
+    vocab: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`Aggregate`'s dense part and scatter for a round whose payloads are all sparse with
+    one K < V on every row, without draft-guided scaling: (base [P], flat indices, values),
+    the same float64 operations in the same order as the row-by-row loop (so the same
+    bits), for all workers at once: at N = 32 that is a few array operations instead of
+    ~800 small ones. None when the round does not fit."""
+    if draft is not None or any(pl.dense is not None for pl in payloads):
+        return None
+    ks = {len(idx) for pl in payloads for idx in pl.indices}
+    if len(ks) != 1 or ks == {vocab}:
+        return None
+    k = ks.pop()
+    used = np.flatnonzero(w != 0.0)
+    pls = [payloads[int(i)] for i in used]
+    wi = w[used][:, None]  # [N, 1]
+    vals = np.concatenate([v for pl in pls for v in pl.values]).reshape(len(pls), n_pos, k)
+    idx = np.concatenate([i for pl in pls for i in pl.indices]).reshape(len(pls), n_pos, k)
+    # rho as Payload.kept_mass gives it: as sent, or the row sums (a row sum over the last
+    # axis is the same pairwise sum as over the row alone)
+    sums = vals.sum(axis=2, dtype=np.float64)
+    rho = np.stack(
+        [sums[n] if pl.rho is None else np.asarray(pl.rho, np.float64) for n, pl in enumerate(pls)]
+    )
+    val64 = vals.astype(np.float64)
+    if method == "renormalize":
+        ok = rho > 0.0
+        add = np.where(ok, 0.0, wi / vocab)  # uniform fallback where nothing was kept
+        corr = (wi / np.where(ok, rho, 1.0))[:, :, None] * val64
+    else:  # residual-mass (draft-guided without q falls back to it)
+        ok = np.ones(rho.shape, dtype=bool)
+        c = np.clip(1.0 - rho, 0.0, 1.0) / (vocab - k)
+        add = wi * c
+        corr = wi[:, :, None] * (val64 - c[:, :, None])
+    base = np.zeros(n_pos)
+    for row in add:  # worker by worker, as the loop adds them
+        base += row
+    flat = idx + (np.arange(n_pos) * vocab)[None, :, None]
+    return base, flat[ok].reshape(-1), corr[ok].reshape(-1)
 
 
 def _check_method(method: str) -> None:

@@ -85,10 +85,10 @@ def _wrong_accept(drafts, q, p_hat, uniforms, greedy=False):
     """Negative control: the classic bug of resampling from p_hat (not max(0, p_hat - q))
     after a rejection."""
     for j, x in enumerate(drafts):
-        if uniforms.accept[j] * q[j, x] < p_hat[j, x]:
+        if uniforms.accept[j] * q[j, x] < p_hat.entry(j, x):
             continue
-        return j, sample_index(p_hat[j], uniforms.final)
-    return len(drafts), sample_index(p_hat[len(drafts)], uniforms.final)
+        return j, sample_index(p_hat.row(j), uniforms.final)
+    return len(drafts), sample_index(p_hat.row(len(drafts)), uniforms.final)
 
 
 N_SAMPLES = 2500

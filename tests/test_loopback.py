@@ -344,3 +344,52 @@ def test_score_over_tcp_equals_in_process(workers, local):
     finally:
         for c in clients:
             c.close()
+
+
+def test_waiting_for_all_multiplexes_and_keeps_warm_without_changing_tokens(workers, local):
+    """Remote workers and wait-for-all: one select() loop in the server's thread (no worker
+    threads); keeping the critical path warm while waiting changes no token."""
+    kw = dict(transmissions=Transmission(Mode.TOPK, k=5), gamma=3, weights=(0.4, 0.6))
+    inproc = FederatedGenerator(
+        local["draft"], [LocalWorker("w1", local["w1"]), LocalWorker("w2", local["w2"])], **kw
+    )
+    clients = remote(workers, local["draft"])
+    try:
+        tcp = FederatedGenerator(local["draft"], clients, parallel=True, keep_warm_ms=0.5, **kw)
+        assert tcp.multiplexed and tcp.lanes is None
+        for seed in range(2):
+            res = tcp.generate(CONTEXT, 16, seed=seed)
+            assert res.tokens == inproc.generate(CONTEXT, 16, seed=seed).tokens
+            for r in res.rounds:
+                assert all(w.t_call_ms >= w.t_worker_ms for w in r.workers)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_worker_silent_past_its_round_timeout_is_lost_in_the_select_loop(models, local, tmp_path):
+    """A worker that answers 2 s late, with a 0.5 s round timeout: lost at its call deadline
+    (not after its reply), and the loss policy goes on with the other worker."""
+    slow = WorkerProc(models["w2"], tmp_path / "slow.log", "--delay-ms", "2000")
+    fast = WorkerProc(models["w1"], tmp_path / "fast.log")
+    clients = [
+        RemoteWorker("w1", fast.addr, local["draft"], round_timeout_s=0.5),
+        RemoteWorker("w2", slow.addr, local["draft"], round_timeout_s=0.5),
+    ]
+    try:
+        gen = FederatedGenerator(
+            local["draft"], clients, gamma=2, parallel=True, on_worker_loss="continue"
+        )
+        assert gen.multiplexed
+        t0 = time.monotonic()
+        res = gen.generate(CONTEXT, 6, seed=0)
+        first_round_s = res.rounds[0].t_round_ms / 1e3
+        assert 0.45 < first_round_s < 1.5, first_round_s  # the deadline, not the 2 s reply
+        assert len(res.tokens) == 6 and time.monotonic() - t0 < 10
+        assert "lost w2" in res.events[0] and "TimeoutError" in res.events[0]
+        assert all([w.worker for w in r.workers] == ["w1"] for r in res.rounds)
+    finally:
+        for c in clients:
+            c.close()
+        slow.stop()
+        fast.stop()

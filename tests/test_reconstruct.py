@@ -190,6 +190,34 @@ def test_aggregate_rows_and_entries_are_bit_for_bit_the_dense_values(
             assert parts.entry(j, x) == dense[j, x], (j, x)
 
 
+@pytest.mark.parametrize("method", RECONSTRUCTIONS)
+@pytest.mark.parametrize("value_dtype", ["fp32", "fp16", "q8"])
+def test_one_k_rounds_aggregated_at_once_give_the_row_by_row_bits(
+    method: str, value_dtype: str
+) -> None:
+    """Every worker top-K with one K: Aggregate takes all of them at once. Adding a dense
+    payload of weight 0 changes nothing but sends the round down the row-by-row path; both
+    must give the same bits."""
+    rng = np.random.default_rng(21)
+    vocab, n_pos, n_workers = 400, 5, 7
+    codec = TopKCodec(16, value_dtype=value_dtype)
+    payloads = [
+        decode_any(codec.encode(softmax_rows(rng, n_pos, vocab, scale=3.0)))
+        for _ in range(n_workers)
+    ]
+    payloads[2] = sparse(vocab, *[(list(range(16)), [0.0] * 16)] * n_pos)  # rho = 0 rows
+    w = np.append(rng.dirichlet(np.ones(n_workers)), 0.0)
+    w[1] = 0.0  # a zero weight inside the batch too
+    w /= w.sum()
+    dense_zero = decode_any(FullCodec().encode(softmax_rows(rng, n_pos, vocab)))
+    batched = Aggregate(payloads, w[:-1], method)
+    by_rows = Aggregate([*payloads, dense_zero], w, method)
+    np.testing.assert_array_equal(batched.dense(), by_rows.dense())
+    for j in range(n_pos):
+        for x in payloads[0].indices[j][:4]:
+            assert batched.entry(j, int(x)) == by_rows.entry(j, int(x))
+
+
 @pytest.mark.parametrize("greedy", [False, True])
 def test_acceptance_by_parts_equals_acceptance_on_the_dense_target(greedy: bool) -> None:
     rng = np.random.default_rng(11)
