@@ -162,6 +162,33 @@ class RemoteWorker:
         reply, n_up = self._read(MsgType.VERIFY_REPLY, wire.decode_reply, self._call_deadline)
         return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
 
+    def read_step(self) -> VerifyReply | None:
+        """When the connection is readable: read what arrived of the reply to the request
+        sent last; the reply once whole, else None. Past `call_deadline` the worker is lost
+        (WorkerLost, TimeoutError), whatever has arrived."""
+        if self._pending is None:
+            raise RuntimeError("read_step without a request sent")
+        try:
+            if time.monotonic() >= self._call_deadline:
+                raise TimeoutError(
+                    f"no whole reply within the round timeout ({self.round_timeout_s:g} s)"
+                )
+            got = self.conn.recv_step()
+            if got is None:
+                return None
+            kind, body, n_up = got
+            if kind == MsgType.ERROR:
+                code, msg = wire.decode_error(body)
+                raise WireError(f"worker error {code}: {msg}")
+            if kind != MsgType.VERIFY_REPLY:
+                raise WireError(f"expected {MsgType.VERIFY_REPLY.name}, got {kind.name}")
+            reply = wire.decode_reply(body)
+        except (OSError, WireError) as exc:  # OSError includes timeouts and resets
+            self.close()
+            raise WorkerLost(self.name, f"{type(exc).__name__}: {exc}") from exc
+        (n_down, t_send_ms), self._pending = self._pending, None
+        return replace(reply, bytes_up=n_up, bytes_down=n_down, t_send_ms=t_send_ms)
+
     @property
     def call_deadline(self) -> float:
         """time.monotonic() by which the pending reply must be read (round_timeout_s)."""

@@ -110,16 +110,18 @@ class WorkerClient(Protocol):
 @runtime_checkable
 class SplitCall(Protocol):
     """A worker whose VERIFY call splits in two (specfed.client.RemoteWorker): send the
-    request, then read the reply once its connection (`fileno`) is readable. A round that
-    waits for all such workers sends every request from the server's thread and reads the
-    replies as they come, in one select() loop: no thread hand-offs on the critical path."""
+    request, then read the reply as its connection (`fileno`) becomes readable. A round
+    that waits for all such workers sends every request from the server's thread and reads
+    the replies as they come, a bit of each at a time, in one select() loop: no thread
+    hand-offs on the critical path, and large replies still arrive side by side."""
 
     def send_verify(self, request: VerifyRequest) -> None:
         """Send the request (WorkerLost on failure)."""
         ...
 
-    def read_verify(self) -> VerifyReply:
-        """The reply to the request sent last (blocks until it is whole; WorkerLost on
+    def read_step(self) -> VerifyReply | None:
+        """Called when `fileno` is readable (or the deadline passed): read what arrived of
+        the reply to the request sent last; the reply once whole, else None (WorkerLost on
         failure, or once `call_deadline` has passed)."""
         ...
 
@@ -611,8 +613,9 @@ class FederatedGenerator:
     def _verify_multiplexed(
         self, requests: dict[int, VerifyRequest]
     ) -> tuple[dict[int, _Answer], dict[int, str]]:
-        """Wait for all (SplitCall workers): send every request, then read each reply as its
-        connection becomes readable; a worker past its call deadline is lost."""
+        """Wait for all (SplitCall workers): send every request, then read the replies as
+        their connections become readable, a step at a time; a worker past its call
+        deadline is lost."""
         replies: dict[int, _Answer] = {}
         lost: dict[int, str] = {}
         sent: dict[int, float] = {}
@@ -641,13 +644,18 @@ class FederatedGenerator:
                 now = time.monotonic()
                 ready |= {i for i in sent if workers[i].call_deadline <= now}  # they time out
                 for i in sorted(ready):
-                    sel.unregister(workers[i].fileno())
-                    t0 = sent.pop(i)
+                    fd = workers[i].fileno()
                     try:
-                        reply = workers[i].read_verify()
+                        reply = workers[i].read_step()
+                        if reply is None:  # more to come
+                            continue
+                        sel.unregister(fd)
                         self._warm_with = (requests[i], reply)
-                        replies[i] = self._checked(i, requests[i], reply, t0)
+                        replies[i] = self._checked(i, requests[i], reply, sent.pop(i))
                     except WorkerLost as exc:
+                        with contextlib.suppress(KeyError, ValueError):
+                            sel.unregister(fd)
+                        sent.pop(i, None)
                         lost[i] = exc.reason
         return replies, lost
 

@@ -466,6 +466,9 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.timeout = sock.gettimeout()
+        self._part = bytearray()  # recv_step: the frame read so far
+        self._part_kind: MsgType | None = None  # its type once the header is in
+        self._part_len = 0  # its body length once the header is in
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle
 
@@ -521,6 +524,38 @@ class Connection:
         head = first + self._read_exact(HEADER.size - 1, deadline)
         kind, n = parse_header(head, self.max_frame)
         return kind, self._read_exact(n, deadline), HEADER.size + n
+
+    def recv_step(self) -> tuple[MsgType, bytes, int] | None:
+        """One read toward the next frame, for a caller that select()s on many connections:
+        call it when the socket is readable. Returns (type, body, frame size) once the frame
+        is complete, else None (call again when readable). Checks as `recv` does: the header
+        first, an oversized frame refused before its body is read, memory growing only with
+        the bytes received. Raises WireError or ConnectionError.
+
+        A caller waiting for several large replies must read them this way, a bit of each
+        as it comes: reading one whole frame after another stalls the other senders once
+        their socket buffers are full, and the transfers that shared the links in parallel
+        would cross them one after another."""
+        buf = self._part
+        if self._part_kind is None:
+            want = HEADER.size - len(buf)
+        else:
+            want = min(self._part_len - (len(buf) - HEADER.size), READ_CHUNK)
+        data = self.sock.recv(want) if want > 0 else b""
+        if want > 0 and not data:
+            raise ConnectionError(f"peer closed the connection ({len(buf)} bytes of a frame read)")
+        buf += data
+        if self._part_kind is None:
+            if len(buf) < HEADER.size:
+                return None
+            self._part_kind, self._part_len = parse_header(bytes(buf), self.max_frame)
+        if len(buf) < HEADER.size + self._part_len:
+            return None
+        kind, n = self._part_kind, HEADER.size + self._part_len
+        body = bytes(memoryview(buf)[HEADER.size :])
+        self._part, self._part_kind, self._part_len = bytearray(), None, 0
+        self.bytes_received += n
+        return kind, body, n
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -178,3 +178,63 @@ def test_truncated_stream_times_out_not_hangs():
     with pytest.raises(ConnectionError):
         conn.recv()
     a.close()
+
+
+def _step_until_frame(conn: wire.Connection) -> tuple[MsgType, bytes, int]:
+    """recv_step whenever the socket is readable, as the server's select loop does."""
+    import select
+
+    while True:
+        assert select.select([conn.sock], [], [], 5)[0], "no data within 5 s"
+        got = conn.recv_step()
+        if got is not None:
+            return got
+
+
+@pytest.mark.parametrize("cuts", [[1], [5, 12, 13], [12], [3, 700, 1 << 20, (1 << 20) + 9]])
+def test_recv_step_assembles_frames_sent_in_pieces(cuts: list[int]) -> None:
+    import threading
+    import time
+
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    conn = wire.Connection(b)
+    body = bytes(range(256)) * 5000  # 1.28 MB: more than one READ_CHUNK
+    data = wire.frame(MsgType.VERIFY_REPLY, body) + wire.frame(MsgType.END, b"xy")
+
+    def send() -> None:
+        for lo, hi in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            a.sendall(data[lo:hi])
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        kind, got, n = _step_until_frame(conn)
+        assert (kind, got, n) == (MsgType.VERIFY_REPLY, body, len(body) + wire.HEADER.size)
+        assert _step_until_frame(conn)[:2] == (MsgType.END, b"xy")
+        assert conn.bytes_received == len(data)
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+
+
+def test_recv_step_refuses_an_oversized_frame_after_its_header_and_a_closed_peer() -> None:
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    conn = wire.Connection(b, max_frame=1000)
+    a.sendall(wire.frame(MsgType.VERIFY_REPLY, b"z" * 5000)[:20])
+    with pytest.raises(WireError, match=r"exceeds|too large|max"):
+        _step_until_frame(conn)
+    a2, b2 = socket.socketpair()
+    b2.settimeout(5)
+    conn2 = wire.Connection(b2)
+    a2.sendall(wire.frame(MsgType.VERIFY_REPLY, b"z" * 50)[:30])
+    a2.close()
+    with pytest.raises(ConnectionError, match="peer closed"):
+        _step_until_frame(conn2)
+    for s in (a, b, b2):
+        s.close()
