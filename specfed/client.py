@@ -118,11 +118,7 @@ class RemoteWorker:
         returns (decoded, frame bytes). Any failure closes the connection (WorkerLost)."""
         try:
             got, reply, n_up = self.conn.recv(deadline)
-            if got == MsgType.ERROR:
-                code, msg = wire.decode_error(reply)
-                raise WireError(f"worker error {code}: {msg}")
-            if got != expect:
-                raise WireError(f"expected {expect.name}, got {got.name}")
+            _check_kind(got, reply, expect)
             return decode(reply), n_up
         except (OSError, WireError) as exc:  # OSError includes timeouts and resets
             self.close()
@@ -177,11 +173,7 @@ class RemoteWorker:
             if got is None:
                 return None
             kind, body, n_up = got
-            if kind == MsgType.ERROR:
-                code, msg = wire.decode_error(body)
-                raise WireError(f"worker error {code}: {msg}")
-            if kind != MsgType.VERIFY_REPLY:
-                raise WireError(f"expected {MsgType.VERIFY_REPLY.name}, got {kind.name}")
+            _check_kind(kind, body, MsgType.VERIFY_REPLY)
             reply = wire.decode_reply(body)
         except (OSError, WireError) as exc:  # OSError includes timeouts and resets
             self.close()
@@ -219,3 +211,13 @@ class RemoteWorker:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _check_kind(got: MsgType, body: bytes, expect: MsgType) -> None:
+    """A reply frame must be of type `expect`; an ERROR frame says why it is not (WireError
+    either way)."""
+    if got == MsgType.ERROR:
+        code, msg = wire.decode_error(body)
+        raise WireError(f"worker error {code}: {msg}")
+    if got != expect:
+        raise WireError(f"expected {expect.name}, got {got.name}")
