@@ -454,13 +454,24 @@ def parse_frame(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[MsgTyp
     return kind, body
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has its value
+_TIMESPEC = struct.Struct("qq")  # struct timespec on 64-bit Linux
+
+
 class Connection:
     """A TCP connection carrying frames, counting the bytes it moves (framing included).
 
     Every blocking call is bounded by the socket timeout; `socket.timeout` propagates.
+
+    With ``rx_timestamps`` (Linux), `recv` also notes when the kernel received the last
+    packet of the frame (SO_TIMESTAMPNS), and `arrived` gives it on the time.perf_counter()
+    clock: the time the frame was on this host, however late this process got a CPU to read
+    it (on a busy host, several ms later).
     """
 
-    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, rx_timestamps: bool = False
+    ) -> None:
         self.sock = sock
         self.max_frame = max_frame
         self.bytes_sent = 0
@@ -469,8 +480,34 @@ class Connection:
         self._part = bytearray()  # recv_step: the frame read so far
         self._part_kind: MsgType | None = None  # its type once the header is in
         self._part_len = 0  # its body length once the header is in
+        self._rx_ns: int | None = None  # kernel receive time (CLOCK_REALTIME) of the last read
+        self.rx_timestamps = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle
+            if rx_timestamps:
+                with contextlib.suppress(OSError):  # not Linux: `arrived` falls back to now
+                    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                    self.rx_timestamps = True
+
+    def arrived(self) -> float:
+        """time.perf_counter() when the kernel received the last packet of the frame `recv`
+        returned last (now, without a kernel timestamp: timestamps off, or the first
+        packets after a host first enables them)."""
+        now = time.perf_counter()
+        if self._rx_ns is None:
+            return now
+        age = (time.time_ns() - self._rx_ns) / 1e9
+        return now - min(max(age, 0.0), 1.0)  # a wall-clock step cannot move it far
+
+    def _recv_into(self, buf: memoryview, n: int) -> int:
+        if not self.rx_timestamps:
+            return self.sock.recv_into(buf, n)
+        k, ancillary, _, _ = self.sock.recvmsg_into([buf[:n]], 64)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                self._rx_ns = sec * 1_000_000_000 + nsec
+        return k
 
     def send(self, msg_type: MsgType, body: bytes) -> int:
         """Send one frame; return its size in bytes."""
@@ -494,7 +531,7 @@ class Connection:
                     if left <= 0:
                         raise TimeoutError(f"deadline passed with {len(buf)} of {n} bytes read")
                     self.sock.settimeout(min(left, self.timeout) if self.timeout else left)
-                k = self.sock.recv_into(chunk, min(n - len(buf), len(chunk)))
+                k = self._recv_into(chunk, min(n - len(buf), len(chunk)))
                 if k == 0:
                     raise ConnectionError(
                         f"peer closed the connection ({len(buf)} of {n} bytes read)"
@@ -517,6 +554,7 @@ class Connection:
         trickles one byte at a time cannot hold a connection forever). Raises WireError,
         ConnectionError or TimeoutError.
         """
+        self._rx_ns = None
         first = self._read_exact(1, deadline)
         if frame_timeout_s is not None:
             limit = time.monotonic() + frame_timeout_s

@@ -57,7 +57,7 @@ class Backend(Protocol):
     max_context: int
 
     def verify(self, request: VerifyRequest, arrived: float | None = None) -> VerifyReply:
-        """Answer one request; `arrived` is time.perf_counter() when its frame was read (a
+        """Answer one request; `arrived` is time.perf_counter() when its frame reached this host (a
         replay starts its emulated compute there; a live model times its own)."""
         ...
 
@@ -144,7 +144,7 @@ class WorkerService:
 
     def serve_connection(self, sock: socket.socket, peer: str) -> None:
         """Handshake, then answer frames until the peer closes, errs or idles out."""
-        conn = Connection(sock, self.max_frame)
+        conn = Connection(sock, self.max_frame, rx_timestamps=True)
         sock.settimeout(self.idle_timeout_s)
         if not self.slots.acquire(blocking=False):
             log.warning("refused %s: %d connections already served", peer, self.max_connections)
@@ -183,7 +183,7 @@ class WorkerService:
         me = self.worker
         while True:
             kind, body, _ = conn.recv(frame_timeout_s=self.frame_timeout_s)
-            arrived = time.perf_counter()
+            arrived = conn.arrived()  # when the request was on this host, not when we got to it
             if kind == MsgType.VERIFY:
                 req = wire.decode_verify(body, me.vocab_size)
                 self._check_fits(req.start, len(req.tokens), "VERIFY")

@@ -6,6 +6,7 @@ import contextlib
 import math
 import socket
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -238,3 +239,27 @@ def test_recv_step_refuses_an_oversized_frame_after_its_header_and_a_closed_peer
         _step_until_frame(conn2)
     for s in (a, b, b2):
         s.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_TIMESTAMPNS is Linux's")
+def test_arrived_is_when_the_kernel_received_the_frame_not_when_it_was_read() -> None:
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+        with a, b:
+            conn = wire.Connection(b, rx_timestamps=True)
+            plain = wire.Connection(socket.socket())  # no timestamps: arrived is now
+            assert conn.rx_timestamps
+            time.sleep(0.05)  # the kernel turns receive timestamps on asynchronously
+            ages = []
+            for _ in range(3):
+                a.sendall(wire.frame(MsgType.END, wire.encode_end("r1")))
+                time.sleep(0.08)  # the frame waits in the socket, as behind a busy CPU
+                kind, body, _ = conn.recv()
+                ages.append(time.perf_counter() - conn.arrived())
+                assert kind == MsgType.END and wire.decode_end(body) == "r1"
+            assert all(0.07 <= age <= 0.5 for age in ages[1:]), ages  # the first may lack one
+            assert time.perf_counter() - plain.arrived() < 0.01
+            plain.close()
