@@ -486,6 +486,7 @@ class FederatedGenerator:
         )
         self.keep_warm_s = None if keep_warm_ms is None else keep_warm_ms / 1e3
         self._warm_with: tuple[VerifyRequest, VerifyReply] | None = None
+        self._last_call_ms: dict[int, float] = {}  # per worker: its last call, send to reply
         concurrent = (parallel and not self.multiplexed) or self.aggregation_spec.rule != "all"
         # One thread per worker: a worker's calls run in order on its own connection, so a
         # dropped call's reply is read before that worker is asked anything else.
@@ -615,12 +616,19 @@ class FederatedGenerator:
     ) -> tuple[dict[int, _Answer], dict[int, str]]:
         """Wait for all (SplitCall workers): send every request, then read the replies as
         their connections become readable, a step at a time; a worker past its call
-        deadline is lost."""
+        deadline is lost.
+
+        The requests go out slowest worker first (by its last call, send to reply): the
+        round waits for that one, so its call should not also wait behind the sends of the
+        others (at N = 32, ~0.5 ms of sends)."""
         replies: dict[int, _Answer] = {}
         lost: dict[int, str] = {}
         sent: dict[int, float] = {}
         workers: list[Any] = self.workers  # every one a SplitCall (checked in __init__)
-        for i, req in requests.items():
+        last = self._last_call_ms
+        order = sorted(requests, key=lambda i: -last.get(i, 0.0))  # stable: index order at first
+        for i in order:
+            req = requests[i]
             t0 = time.perf_counter()
             try:
                 workers[i].send_verify(req)
@@ -651,7 +659,8 @@ class FederatedGenerator:
                             continue
                         sel.unregister(fd)
                         self._warm_with = (requests[i], reply)
-                        replies[i] = self._checked(i, requests[i], reply, sent.pop(i))
+                        replies[i] = answer = self._checked(i, requests[i], reply, sent.pop(i))
+                        last[i] = answer.t_call_ms
                     except WorkerLost as exc:
                         with contextlib.suppress(KeyError, ValueError):
                             sel.unregister(fd)

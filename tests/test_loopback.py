@@ -393,3 +393,36 @@ def test_a_worker_silent_past_its_round_timeout_is_lost_in_the_select_loop(model
             c.close()
         slow.stop()
         fast.stop()
+
+
+def test_the_select_loop_sends_to_the_slowest_worker_first(models, local, tmp_path):
+    """The round waits for its slowest worker: from the second round on, its request goes
+    out first (by each worker's last call), before the sends to the others."""
+    slow = WorkerProc(models["w1"], tmp_path / "slow.log", "--delay-ms", "150")
+    fast = WorkerProc(models["w2"], tmp_path / "fast.log")
+    order: list[str] = []
+
+    class Recorded(RemoteWorker):
+        def send_verify(self, request):
+            order.append(self.name)
+            super().send_verify(request)
+
+    clients = [Recorded("w1", slow.addr, local["draft"]), Recorded("w2", fast.addr, local["draft"])]
+    try:
+        gen = FederatedGenerator(local["draft"], clients, gamma=2, parallel=True)
+        assert gen.multiplexed
+        res = gen.generate(CONTEXT, 8, seed=0)
+        assert len(res.rounds) >= 2
+        firsts = order[::2]
+        assert firsts[0] == "w1" and set(firsts[1:]) == {"w1"}, order  # w1: the slow one
+        clients.reverse()  # index order no longer slowest first: the last calls decide
+        order.clear()
+        gen = FederatedGenerator(local["draft"], clients, gamma=2, parallel=True)
+        gen.generate(CONTEXT, 8, seed=0)
+        firsts = order[::2]
+        assert firsts[0] == "w2" and set(firsts[1:]) == {"w1"}, order
+    finally:
+        for c in clients:
+            c.close()
+        slow.stop()
+        fast.stop()
