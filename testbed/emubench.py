@@ -136,10 +136,16 @@ CONFIG = [
 ]  # fmt: skip
 
 
+def _with_config(requests: pd.DataFrame) -> pd.DataFrame:
+    """The configuration columns with "-" where a setting does not apply (k of full)."""
+    out = requests.astype({c: object for c in CONFIG})
+    return out.fillna({c: "-" for c in CONFIG})
+
+
 def _per_config(requests: pd.DataFrame) -> pd.DataFrame:
     ok = requests[(requests.status == "ok") & ~requests.warmup.astype(bool)]
     return (
-        ok.fillna({c: "-" for c in CONFIG})
+        _with_config(ok)
         .groupby(CONFIG, dropna=False)
         .agg(ms_per_token=("ms_per_token", "mean"), n=("request_id", "count"))
         .reset_index()
@@ -168,10 +174,9 @@ def fidelity(args: argparse.Namespace) -> dict[str, Any]:
     t_replay = time.monotonic() - t1
     lq, rq = pd.read_csv(live_dir / "requests.csv"), pd.read_csv(replay_dir / "requests.csv")
     lq = lq[lq.compute_mode == "live"]
-    same = lq.fillna({c: "-" for c in CONFIG}).merge(
-        rq.fillna({c: "-" for c in CONFIG}), on=[*CONFIG, "rep", "prompt_id"],
-        suffixes=("_live", "_replay"),
-    )  # fmt: skip
+    same = _with_config(lq).merge(
+        _with_config(rq), on=[*CONFIG, "rep", "prompt_id"], suffixes=("_live", "_replay")
+    )
     cmp = _per_config(lq).merge(_per_config(rq), on=CONFIG, suffixes=("_live", "_replay"))
     cmp["ratio"] = cmp.ms_per_token_replay / cmp.ms_per_token_live
     lb = lower_bounds(pd.read_csv(replay_dir / "rounds.csv"))

@@ -1,11 +1,12 @@
-"""The analytic lower bound of a round (testbed.emubench) and host ranges in scenarios."""
+"""The analytic lower bound of a round, the per-configuration comparison (testbed.emubench)
+and host ranges in scenarios."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from testbed.emubench import lower_bounds, wire_bytes
+from testbed.emubench import CONFIG, _per_config, lower_bounds, wire_bytes
 
 
 def _round(**over):
@@ -19,6 +20,33 @@ def _round(**over):
         "w2_up_delay_ms": 5.0, "w2_down_delay_ms": 5.0,
     }  # fmt: skip
     return {**base, **over}
+
+
+@pytest.mark.filterwarnings("error")  # pandas warns of "-" put into a float column
+def test_per_config_keeps_full_rows_whose_settings_do_not_apply():
+    # full transmission has no k or epsilon (NaN in requests.csv): its rows must still form
+    # their own configuration, not vanish from the groupby, and mix with no top-K row
+    def req(transmission, k, ms, **over):
+        row = {c: None for c in CONFIG}
+        row.update(transmission=transmission, k=k, gamma=4, temperature=1.0)
+        return {**row, "status": "ok", "warmup": False, "ms_per_token": ms,
+                "request_id": "r", **over}  # fmt: skip
+
+    rows = pd.DataFrame(
+        [
+            req("full", float("nan"), 1000.0),
+            req("full", float("nan"), 1200.0),
+            req("topk", 64.0, 300.0),
+            req("topk", 64.0, 900.0, warmup=True),
+            req("topk", 64.0, 900.0, status="failed"),
+        ]
+    )
+    out = _per_config(rows).set_index("transmission")
+    assert out.loc["full", "k"] == "-"
+    assert out.loc["full", "ms_per_token"] == pytest.approx(1100.0)
+    assert out.loc["full", "n"] == 2
+    assert out.loc["topk", "ms_per_token"] == pytest.approx(300.0)
+    assert out.loc["topk", "n"] == 1
 
 
 def test_wire_bytes_count_segment_headers():
