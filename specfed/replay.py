@@ -212,11 +212,11 @@ class ReplayWorker:
 
     Answers VERIFY and SCORE with the recorded bytes of its model's stream. A VERIFY reply
     comes back at once with `not_before` = the end of the emulated compute, counted from
-    `arrived` (time.perf_counter() when the kernel received the request's last packet, so
-    however long this process waited for a CPU on a busy host does not delay the reply),
-    so decoding the request and finding its reply are part of the emulated compute, as
-    they are part of a real device's; the worker service frames the reply, waits until
-    `not_before`, then sends it (after the wait only a send is left)."""
+    `arrived`: time.perf_counter() when the kernel received the request's last packet, so
+    waiting for a CPU on a busy host does not delay the reply, and decoding the request
+    and finding its reply are part of the emulated compute, as they are part of a real
+    device's. The worker service frames the reply, waits until `not_before`, then sends
+    it (after the wait only a send is left)."""
 
     def __init__(self, name: str, traces: TraceSet, stream: str, times: ComputeTimes) -> None:
         streams = traces.traces[0].meta.get("streams", {})

@@ -23,6 +23,7 @@ import enum
 import math
 import socket
 import struct
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -454,7 +455,9 @@ def parse_frame(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[MsgTyp
     return kind, body
 
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has its value
+# Linux only (Python lacks the constant before 3.14); SCM_TIMESTAMPNS has the same value.
+# Elsewhere 35 may name another option, so none is set there.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35) if sys.platform == "linux" else None
 _TIMESPEC = struct.Struct("qq")  # struct timespec on 64-bit Linux
 
 
@@ -484,8 +487,8 @@ class Connection:
         self.rx_timestamps = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle
-            if rx_timestamps:
-                with contextlib.suppress(OSError):  # not Linux: `arrived` falls back to now
+            if rx_timestamps and SO_TIMESTAMPNS is not None:
+                with contextlib.suppress(OSError):  # refused: `arrived` falls back to now
                     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                     self.rx_timestamps = True
 

@@ -7,6 +7,7 @@ import math
 import socket
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -195,7 +196,6 @@ def _step_until_frame(conn: wire.Connection) -> tuple[MsgType, bytes, int]:
 @pytest.mark.parametrize("cuts", [[1], [5, 12, 13], [12], [3, 700, 1 << 20, (1 << 20) + 9]])
 def test_recv_step_assembles_frames_sent_in_pieces(cuts: list[int]) -> None:
     import threading
-    import time
 
     a, b = socket.socketpair()
     a.settimeout(5)
@@ -243,8 +243,6 @@ def test_recv_step_refuses_an_oversized_frame_after_its_header_and_a_closed_peer
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_TIMESTAMPNS is Linux's")
 def test_arrived_is_when_the_kernel_received_the_frame_not_when_it_was_read() -> None:
-    import time
-
     with socket.create_server(("127.0.0.1", 0)) as srv:
         a = socket.create_connection(srv.getsockname())
         b, _ = srv.accept()
